@@ -1,0 +1,6 @@
+"""Mechanics users don't edit: the trainer's epoch loop, the model and data loader bases."""
+from .base_data_loader import BaseDataLoader
+from .base_model import BaseModel
+from .base_trainer import BaseTrainer
+
+__all__ = ["BaseDataLoader", "BaseModel", "BaseTrainer"]

@@ -1,0 +1,208 @@
+"""BaseTrainer: the mechanics around the per-batch loop that users don't need to edit."""
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from logger import TensorboardWriter
+from utils.checkpoint import FORMAT_VERSION, load_model_state
+from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
+from utils.metrics import MetricTracker
+from utils.seeding import rng_state, set_rng_state
+from utils.signals import StopRequest
+
+from .base_data_loader import BaseDataLoader, BatchStream
+from .checkpointer import Checkpointer
+from .monitor import Monitor
+
+logger = logging.getLogger(__name__)
+
+
+class BaseTrainer:
+    """Epochs, validation, LR scheduling, monitoring, early stop, checkpoints and exact resume.
+    Subclasses implement `_train_epoch` and `_valid_epoch` and call the helpers below from them."""
+
+    def __init__(self, model: nn.Module, criterion: Callable, metric_ftns: dict[str, Callable],
+                 optimizer: torch.optim.Optimizer, options: dict[str, Any], device: torch.device,
+                 data_loader: BaseDataLoader, valid_data_loader: Any = None, lr_scheduler: Any = None,
+                 run_dir: Path = Path("."), log_dir: Path = Path("."), config: dict | None = None):
+        self.model, self.criterion, self.metric_ftns = model, criterion, metric_ftns
+        self.optimizer, self.lr_scheduler, self.device = optimizer, lr_scheduler, device
+        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
+        self.options, self.log_dir, self.config = options, Path(log_dir), config or {}
+        self.epochs, self.log_step = options["epochs"], options["log_step"]
+        self.len_epoch = options["len_epoch"] or len(data_loader)
+        self.batches = BatchStream(data_loader)
+        self.monitor = Monitor(options["monitor"], options["early_stop"])
+        self.checkpointer = Checkpointer(run_dir, options["save_period"], options["keep_last"],
+                                         options["save_every_steps"])
+        self.train_metrics = MetricTracker("loss", *metric_ftns)
+        self.valid_metrics = MetricTracker("loss", *metric_ftns)
+        self.stop_request = StopRequest()
+        self.start_epoch, self.global_step, self.skipped_steps = 1, 0, 0
+        self.completed_epochs, self.batches_in_epoch = 0, 0
+        self._resume_batch, self._resumed = 0, False
+        self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._show_progress = options["progress_bar"] and sys.stderr.isatty()
+        self._bar: tqdm | None = None
+        self.writer = TensorboardWriter(self.log_dir, enabled=False)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _valid_epoch(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- the epoch loop ----
+    def fit(self) -> None:
+        """Train to `epochs`; a signal stops after the current step with checkpoint-last.pth written."""
+        purge_step = self.global_step + 1 if self._resumed else None  # drop what a killed run logged later
+        self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"], purge_step)
+        try:
+            with self.stop_request:
+                for epoch in range(self.start_epoch, self.epochs + 1):
+                    log = {"epoch": epoch, "lr": self.learning_rate, **self._train_epoch(epoch)}
+                    if self.valid_data_loader is not None:
+                        log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
+                    self._raise_if_nonfinite(epoch)
+                    self._step_scheduler_per_epoch(log)
+                    self._log_epoch(log)
+                    improved = self.monitor.update(log)
+                    self.completed_epochs, self.batches_in_epoch = epoch, 0
+                    self.checkpointer.save_epoch(self.state, epoch, improved)
+                    self._stop_if_requested()
+                    if self.monitor.should_stop:
+                        logger.info("%s did not improve for %d epochs: stopping early.",
+                                    self.monitor.metric, self.monitor.early_stop)
+                        break
+        finally:
+            self.writer.close()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _step_scheduler_per_epoch(self, log: dict[str, float]) -> None:
+        if self.lr_scheduler is None or self.options["lr_step"] != "epoch":
+            return
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(log[self.monitor.metric or ("val_loss" if "val_loss" in log else "loss")])
+        else:
+            self.lr_scheduler.step()
+
+    def _log_epoch(self, log: dict[str, float]) -> None:
+        for key, value in log.items():
+            logger.info("    %-15s: %s", key, value)
+        self.writer.add_scalars("epoch", {k: v for k, v in log.items() if k != "epoch"}, self.global_step)
+        if self.options["tensorboard_histograms"]:
+            self.writer.add_histograms(self.unwrapped_model, self.global_step)
+
+    # ---- helpers for the per-batch loop ----
+    def _train_batches(self, epoch: int) -> Iterator[tuple[int, Any]]:
+        """(batch index, batch) for this epoch; a resumed epoch continues at its next batch."""
+        start, self._resume_batch = self._resume_batch, 0
+        if start == 0:
+            self.train_metrics.reset()
+        with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}", leave=False,
+                  disable=not self._show_progress, dynamic_ncols=True) as self._bar:
+            for batch_idx in range(start, self.len_epoch):
+                yield batch_idx, next(self.batches)
+                self._bar.update()
+
+    def _loss_is_usable(self, loss: torch.Tensor, epoch: int, batch_idx: int) -> bool:
+        """`stop` records a non-finite loss on the device (no host sync) and raises at the next read-back,
+        before any save; `skip` must sync every step to decide whether to step."""
+        finite = torch.isfinite(loss)
+        if self.options["on_nonfinite"] == "stop":
+            seen = self._first_nonfinite_step >= 0
+            self._first_nonfinite_step = torch.where(finite | seen, self._first_nonfinite_step, self.global_step)
+            return True
+        if finite:
+            return True
+        self.skipped_steps += 1
+        logger.warning("Non-finite loss at epoch %d batch %d: step skipped (%d so far)", epoch, batch_idx,
+                       self.skipped_steps)
+        return False
+
+    def _raise_if_nonfinite(self, epoch: int) -> None:
+        bad_step = int(self._first_nonfinite_step)
+        if bad_step >= 0:
+            batch = bad_step - (self.global_step - self.batches_in_epoch)
+            raise TrainingError(f"non-finite loss at epoch {epoch} batch {batch}; the last good checkpoint is kept "
+                                "(set trainer.on_nonfinite: skip to skip such steps)")
+
+    def _after_step(self, epoch: int, batch_idx: int, data: torch.Tensor, loss: torch.Tensor) -> None:
+        """Side concerns of one optimizer step: scheduler, logging, step checkpoints, signals."""
+        self.global_step += 1
+        self.batches_in_epoch = batch_idx + 1
+        if self.lr_scheduler is not None and self.options["lr_step"] == "batch":
+            self.lr_scheduler.step()
+        if self.global_step % self.log_step == 0:
+            self._log_step(epoch, batch_idx, loss)
+        if batch_idx == 0 and self.options["tensorboard_images"]:
+            self.writer.add_image_grid("input", data, self.global_step)
+        self.checkpointer.maybe_save_step(self.state, self.global_step)
+        self._stop_if_requested()
+
+    def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor) -> None:
+        self._raise_if_nonfinite(epoch)
+        value = loss.item()  # the one host sync per log_step
+        self.writer.add_scalars("train", {"loss": value, "lr": self.learning_rate}, self.global_step)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{value:.4f}")
+        logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value)
+
+    def _stop_if_requested(self) -> None:
+        if self.stop_request.signal is None:
+            return
+        path = self.checkpointer.save_last(self.state())
+        raise TrainingInterrupted(128 + self.stop_request.signal,
+                                  f"Stopped by {self.stop_request.name}; resume with: python train.py --resume {path}")
+
+    # ---- checkpoints ----
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+
+    def state(self) -> dict:
+        """Everything that makes `--resume` continue bit for bit, as plain data."""
+        self._raise_if_nonfinite(self.completed_epochs + 1)
+        return {
+            "version": FORMAT_VERSION,
+            "arch": type(self.unwrapped_model).__name__,
+            "epoch": self.completed_epochs,
+            "batches_in_epoch": self.batches_in_epoch,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "state_dict": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "monitor": self.monitor.state_dict(),
+            "metrics": self.train_metrics.state_dict(),
+            "data_order": self.batches.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+        }
+
+    def restore(self, checkpoint: dict, source: Path, keep_optimizer: bool = True, keep_scheduler: bool = True) -> None:
+        """Continue where `checkpoint` stopped. Call it last before fit(): it sets the global RNGs."""
+        load_model_state(self.unwrapped_model, checkpoint["state_dict"], source)
+        try:
+            if keep_optimizer:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if keep_scheduler and self.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
+                self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            self.monitor.load_state_dict(checkpoint["monitor"])
+            self.train_metrics.load_state_dict(checkpoint["metrics"], self.device)
+            self.batches.load_state_dict(checkpoint["data_order"])
+            self.completed_epochs, self._resume_batch = checkpoint["epoch"], checkpoint["batches_in_epoch"]
+            self.global_step, self.skipped_steps = checkpoint["global_step"], checkpoint["skipped_steps"]
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CheckpointError(f"{source}: cannot resume from it: {type(error).__name__}: {error}") from None
+        self.start_epoch, self.batches_in_epoch = self.completed_epochs + 1, self._resume_batch
+        self._resumed = True

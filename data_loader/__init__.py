@@ -1,0 +1,1 @@
+"""User data loaders: BaseDataLoader subclasses found by name from the config."""

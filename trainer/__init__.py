@@ -1,0 +1,4 @@
+"""The training loop users edit."""
+from .trainer import Trainer, evaluate
+
+__all__ = ["Trainer", "evaluate"]

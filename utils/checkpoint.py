@@ -1,0 +1,145 @@
+"""Checkpoint files: atomic writes, weights_only loads, and readable state_dict mismatch reports."""
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, TrainingError
+
+FORMAT_VERSION = 1
+_TEMP_SUFFIX = ".tmp"
+
+
+def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: a kill at any moment leaves
+    either the complete old file or the complete new one."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
+    try:
+        with open(temp, "wb") as file:
+            torch.save(dict(state), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+        _fsync_directory(path.parent)
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer reports a full disk so
+        temp.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise TrainingError(f"could not save checkpoint {path}: {reason}; the previous one is intact") from error
+    for stale in path.parent.glob(f".*{_TEMP_SUFFIX}"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _load_safely(path: Path) -> Any:
+    """torch.load with weights_only=True always passed explicitly, so that the environment variable
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot switch the protection off."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty, not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"{path}: refused: not a torchkiln checkpoint, or unsafe: loading it would run code "
+                "from the file; only load such a file with weights_only=False if you made it yourself"
+            ) from None
+        raise CheckpointError(f"{path}: not a checkpoint (unreadable: {_first_line(error)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: not a complete checkpoint (truncated or corrupt: {_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a torchkiln checkpoint and check that this version can continue from it."""
+    path = Path(path)
+    state = _load_safely(path)
+    if not isinstance(state, dict) or not isinstance(state.get("version"), int) or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not a torchkiln checkpoint (no 'version' and 'state_dict' keys)")
+    if state["version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {state['version']} is newer than this torchkiln reads "
+            f"({FORMAT_VERSION}); update torchkiln to load it"
+        )
+    return state
+
+
+def load_state_dict_file(path: Path) -> dict:
+    """The model weights in a torchkiln checkpoint or in a plain `torch.save(model.state_dict())` file."""
+    path = Path(path)
+    state = _load_safely(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(f"{path}: holds neither a checkpoint nor a state_dict of tensors")
+    if state and all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def _compare(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    own = model.state_dict()
+    return {
+        "missing": [key for key in own if key not in state_dict],
+        "unexpected": [key for key in state_dict if key not in own],
+        "shape-mismatched": [
+            f"{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+            for key in own
+            if key in state_dict and state_dict[key].shape != own[key].shape
+        ],
+    }
+
+
+def _describe(problems: Mapping[str, list[str]], shown: int = 3) -> str:
+    parts = []
+    for kind, keys in problems.items():
+        if keys:
+            more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {kind}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Load strictly, naming the first missing, unexpected and mis-shaped keys."""
+    problems = _compare(model, state_dict)
+    if any(problems.values()):
+        raise CheckpointError(f"{source}: its state_dict does not fit the configured model: {_describe(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def load_matching_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path, strict: bool, exclude: list[str]
+) -> dict[str, int]:
+    """Copy the tensors that fit (the partial-update and drop-the-head recipes); return the counts."""
+    patterns = [re.compile(pattern) for pattern in exclude]
+    kept = {key: value for key, value in state_dict.items() if not any(p.search(key) for p in patterns)}
+    problems = _compare(model, kept)
+    mismatched = {entry.split(" ")[0] for entry in problems["shape-mismatched"]}
+    if strict and any(problems.values()):
+        raise CheckpointError(f"{source}: init_from with strict: true, but {_describe(problems)}")
+    loadable = {key: value for key, value in kept.items() if key in model.state_dict() and key not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    return {
+        "loaded": len(loadable),
+        "excluded": len(state_dict) - len(kept),
+        "missing": len(problems["missing"]),
+        "shape-mismatched": len(mismatched),
+        "unexpected": len(problems["unexpected"]),
+    }

@@ -1,0 +1,38 @@
+"""Device choice and the DataLoader settings that depend on it."""
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
+    """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not."""
+    available = torch.cuda.device_count()
+    if n_gpu > available:
+        logger.warning("n_gpu is %d but %d GPU(s) are available here; training on %s",
+                       n_gpu, available, f"{available} GPU(s)" if available else "the CPU")
+        n_gpu = available
+    return torch.device("cuda:0" if n_gpu > 0 else "cpu"), list(range(n_gpu))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """`auto`: 4 workers per visible GPU, capped by the CPUs; on the CPU alone, where the model itself
+    needs the cores, 0 to 2."""
+    if num_workers != "auto":
+        return int(num_workers)
+    gpus = torch.cuda.device_count()
+    if gpus:
+        return min(4 * gpus, available_cpus())
+    return min(2, available_cpus() // 4)
+
+
+def resolve_pin_memory(pin_memory: bool | str) -> bool:
+    """`auto`: pinned host memory only pays off for copies to a CUDA device."""
+    return torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
