@@ -412,7 +412,8 @@ def validate(data: dict, lookups: dict[str, ModuleType], trusted: Callable[[str]
     for key in data:
         if key not in TOP_LEVEL:
             errors.append((key, f"unknown top-level key{_close(key, TOP_LEVEL)}"))
-    errors += _check_options(data, TOP_LEVEL, "")
+    misspelt = {match for key in data if key not in TOP_LEVEL for match in difflib.get_close_matches(key, TOP_LEVEL, 1)}
+    errors += [e for e in _check_options(data, TOP_LEVEL, "") if e[0] not in misspelt]  # one error per typo
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
         errors += [(f"trainer.{k}", f"unknown trainer option{_close(k, TRAINER)}") for k in trainer if k not in TRAINER]
