@@ -159,7 +159,7 @@ def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, all
         raise ConfigError(f"must be a class or function name, not {name!r}")
     if ".py:" in name:
         if not trusted:
-            raise ConfigError(f"'{name}' is a Python file named by a checkpoint's config: refused")
+            raise _refusal(f"'{name}' is a Python file named by a checkpoint's config")
         obj = _from_file(name)
     elif "." not in name and lookup is not None:
         if not hasattr(lookup, name) or name.startswith("_"):
@@ -168,7 +168,10 @@ def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, all
         obj = getattr(lookup, name)
     else:
         if not trusted and not _in_modules(name, PROJECT_PACKAGES + ("torch", "torchvision") + allowed):
-            raise ConfigError(f"'{name}' is outside the project, torch, torchvision and `imports:`: refused")
+            raise _refusal(f"'{name}' is outside the project, torch, torchvision and `imports:`")
+        denied = [module for module in DENIED_MODULES if _in_modules(name, (module,))]
+        if not trusted and denied:  # refused before it is imported
+            raise _refusal(f"'{name}' is in {denied[0]}, which a checkpoint's config may not name")
         obj = _from_dotted_path(name, trusted)
     if not callable(obj):
         raise ConfigError(f"'{name}' is not a class or function")
@@ -195,7 +198,7 @@ def _from_file(name: str) -> Any:
 def _from_dotted_path(name: str, trusted: bool) -> Any:
     parts = name.split(".")
     if not trusted and any(part.startswith("_") for part in parts):
-        raise ConfigError(f"'{name}' names a private attribute: refused")
+        raise _refusal(f"'{name}' names a private attribute")
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
         try:
@@ -220,9 +223,9 @@ def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str
     roots = PROJECT_PACKAGES + ("torch", "torchvision") + allowed
     refused = f"'{name}' (defined in '{module_name or 'builtins'}') may not be named by a checkpoint's config"
     if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not _in_modules(module_name, roots):
-        raise ConfigError(refused)
+        raise _refusal(refused)
     if _in_modules(module_name, DENIED_MODULES):
-        raise ConfigError(refused)
+        raise _refusal(refused)
     if _in_modules(module_name, allowed):
         return
     if inspect.isclass(obj):
@@ -231,9 +234,15 @@ def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str
         if section == "lr_scheduler":  # not an LRScheduler subclass in every torch version
             bases += (_from_dotted_path("torch.optim.lr_scheduler.ReduceLROnPlateau", True),)
         if not bases or not issubclass(obj, bases):
-            raise ConfigError(f"{refused}: {section} classes must subclass {base}" if base else refused)
+            raise _refusal(f"{refused}: {section} classes must subclass {base}" if base else refused)
     elif not _in_modules(module_name, UNTRUSTED_FUNCTION_MODULES):
-        raise ConfigError(f"{refused}: functions must come from {', '.join(UNTRUSTED_FUNCTION_MODULES)}")
+        raise _refusal(f"{refused}: functions must come from {', '.join(UNTRUSTED_FUNCTION_MODULES)}")
+
+
+def _refusal(problem: str) -> ConfigError:
+    return ConfigError(f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, list its "
+                       "package under `imports:` in your own -c config, or pass --trust-checkpoint-config "
+                       "(only for checkpoints you made yourself)")
 
 
 def check_arguments(obj: Any, args: dict, runtime_args: int = 0) -> list[tuple[str, str]]:

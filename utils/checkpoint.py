@@ -58,8 +58,8 @@ def _load_safely(path: Path) -> Any:
                 "from the file; only load such a file with weights_only=False if you made it yourself"
             ) from None
         raise CheckpointError(f"{path}: not a checkpoint (unreadable: {_first_line(error)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(f"{path}: not a complete checkpoint (truncated or corrupt: {_first_line(error)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError):
+        raise CheckpointError(f"{path}: not a complete checkpoint: truncated or corrupt") from None
 
 
 def _first_line(error: Exception) -> str:
