@@ -7,7 +7,6 @@ import argparse
 import copy
 import difflib
 import importlib
-import importlib.util
 import inspect
 import json
 import re
@@ -23,6 +22,7 @@ from base.base_model import INIT_SCHEMES
 from base.monitor import parse_monitor
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
+from utils.type_lookup import check_arguments, close_match, resolve_type
 
 
 class FloatSafeLoader(yaml.SafeLoader):
@@ -124,151 +124,9 @@ ARCH_EXTRAS = {
 RUNTIME_ARGS = {"optimizer": 1, "lr_scheduler": 1}  # params / optimizer, passed by train.py
 TRANSFORMS_KEY = "data_loader.args.transforms"
 
-# Types a checkpoint's config may name (see resolve_type and README's SECURITY section).
-PROJECT_PACKAGES = ("model", "data_loader", "trainer", "base", "utils", "logger")
-DENIED_MODULES = ("torch.hub", "torch.serialization", "torch.jit", "torch.package", "torch.utils.cpp_extension",
-                  "torch.distributed", "torch.multiprocessing", "torch.onnx", "torch.export", "torch.compiler",
-                  "torch.utils.data.datapipes", "torchvision.io", "torchvision.datasets.utils")
-UNTRUSTED_CLASS_BASES = {"arch": "torch.nn.Module", "data_loader": "torch.utils.data.DataLoader",
-                         "optimizer": "torch.optim.Optimizer", "lr_scheduler": "torch.optim.lr_scheduler.LRScheduler",
-                         TRANSFORMS_KEY: "torch.nn.Module"}
-UNTRUSTED_FUNCTION_MODULES = ("model", "torchvision.models", "torch.nn.functional", "torchvision.transforms")
-
-
-def _close(name: str, candidates: Any) -> str:
-    match = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def metric_name(type_name: str) -> str:
     """The logged name of a metric: the last part of its `type` (`accuracy`, `mypkg.f1` -> `f1`)."""
     return type_name.split(":")[-1].split(".")[-1]
-
-
-def _in_modules(module_name: str, prefixes: Any) -> bool:
-    return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
-
-
-# ---- type lookup: short name in `lookup` | dotted path | file.py:Name ----
-def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, allowed: tuple[str, ...] = (),
-                 section: str = "") -> Any:
-    """The class or function `name` refers to. An untrusted name (from a checkpoint) may only reach public
-    classes and functions of the project, torch, torchvision and `allowed`, never the file route, and
-    its root package is checked before anything is imported."""
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"must be a class or function name, not {name!r}")
-    if ".py:" in name:
-        if not trusted:
-            raise _refusal(f"'{name}' is a Python file named by a checkpoint's config")
-        obj = _from_file(name)
-    elif "." not in name and lookup is not None:
-        if not hasattr(lookup, name) or name.startswith("_"):
-            public = [n for n in dir(lookup) if not n.startswith("_")]
-            raise ConfigError(f"unknown type '{name}' in {lookup.__name__}{_close(name, public)}")
-        obj = getattr(lookup, name)
-    else:
-        if not trusted and not _in_modules(name, PROJECT_PACKAGES + ("torch", "torchvision") + allowed):
-            raise _refusal(f"'{name}' is outside the project, torch, torchvision and `imports:`")
-        denied = [module for module in DENIED_MODULES if _in_modules(name, (module,))]
-        if not trusted and denied:  # refused before it is imported
-            raise _refusal(f"'{name}' is in {denied[0]}, which a checkpoint's config may not name")
-        obj = _from_dotted_path(name, trusted)
-    if not callable(obj):
-        raise ConfigError(f"'{name}' is not a class or function")
-    if not trusted:
-        _check_untrusted(name, obj, allowed, section)
-    return obj
-
-
-def _from_file(name: str) -> Any:
-    path, _, attribute = name.rpartition(":")
-    if not Path(path).is_file():
-        raise ConfigError(f"no such file '{path}' (from type '{name}')")
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:  # user code: any failure means "does not import"
-        raise ConfigError(f"'{path}' does not import: {type(error).__name__}: {error}") from None
-    if not hasattr(module, attribute):
-        raise ConfigError(f"'{path}' defines no '{attribute}'{_close(attribute, dir(module))}")
-    return getattr(module, attribute)
-
-
-def _from_dotted_path(name: str, trusted: bool) -> Any:
-    parts = name.split(".")
-    if not trusted and any(part.startswith("_") for part in parts):
-        raise _refusal(f"'{name}' names a private attribute")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue
-            raise ConfigError(f"'{name}' does not import: {error}") from None
-        except Exception as error:  # user code: any failure means "does not import"
-            raise ConfigError(f"'{name}' does not import: {type(error).__name__}: {error}") from None
-        for index, attribute in enumerate(parts[split:]):
-            if not hasattr(obj, attribute):
-                where = ".".join(parts[: split + index])
-                raise ConfigError(f"'{where}' has no '{attribute}'{_close(attribute, dir(obj))}")
-            obj = getattr(obj, attribute)
-        return obj
-    raise ConfigError(f"'{name}' does not import: no module named '{parts[0]}'")
-
-
-def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str) -> None:
-    module_name = getattr(obj, "__module__", None) or ""
-    roots = PROJECT_PACKAGES + ("torch", "torchvision") + allowed
-    refused = f"'{name}' (defined in '{module_name or 'builtins'}') may not be named by a checkpoint's config"
-    if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not _in_modules(module_name, roots):
-        raise _refusal(refused)
-    if _in_modules(module_name, DENIED_MODULES):
-        raise _refusal(refused)
-    if _in_modules(module_name, allowed):
-        return
-    if inspect.isclass(obj):
-        base = UNTRUSTED_CLASS_BASES.get(section)
-        bases = (_from_dotted_path(base, True),) if base else ()
-        if section == "lr_scheduler":  # not an LRScheduler subclass in every torch version
-            bases += (_from_dotted_path("torch.optim.lr_scheduler.ReduceLROnPlateau", True),)
-        if not bases or not issubclass(obj, bases):
-            raise _refusal(f"{refused}: {section} classes must subclass {base}" if base else refused)
-    elif not _in_modules(module_name, UNTRUSTED_FUNCTION_MODULES):
-        raise _refusal(f"{refused}: functions must come from {', '.join(UNTRUSTED_FUNCTION_MODULES)}")
-
-
-def _refusal(problem: str) -> ConfigError:
-    return ConfigError(f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, list its "
-                       "package under `imports:` in your own -c config, or pass --trust-checkpoint-config "
-                       "(only for checkpoints you made yourself)")
-
-
-def check_arguments(obj: Any, args: dict, runtime_args: int = 0) -> list[tuple[str, str]]:
-    """(key, problem) for each config arg the signature rejects and each required parameter missing."""
-    try:
-        parameters = list(inspect.signature(obj).parameters.values())
-    except (TypeError, ValueError):  # some builtins have no signature: nothing to check against
-        return []
-    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    at_runtime = [p.name for p in named[:runtime_args]]
-    configurable = [p.name for p in named[runtime_args:]]
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
-    problems = []
-    for key in args:
-        if key in at_runtime:
-            problems.append((key, f"is passed by the framework at run time; remove it from the config"))
-        elif key not in configurable and not takes_any:
-            problems.append((key, f"is not an argument of {_qualname(obj)}{_close(key, configurable)}"))
-    for p in named[runtime_args:]:
-        if p.default is p.empty and p.name not in args:
-            problems.append((p.name, f"is a required argument of {_qualname(obj)}; add it"))
-    return problems
-
-
-def _qualname(obj: Any) -> str:
-    return getattr(obj, "__qualname__", repr(obj))
 
 
 # ---- loading files and overrides ----
@@ -318,7 +176,9 @@ def set_key(data: dict, parts: list[str], value: Any, text: str) -> None:
     """Set a nested key, creating mappings on the way; unknown keys are caught by validation."""
     node = data
     for index, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or `lr_scheduler: null` in the file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{text}': {'.'.join(parts[: index + 1])} is not a mapping")
     node[parts[-1]] = value
@@ -365,8 +225,7 @@ class Config:
 
     @property
     def trainer(self) -> dict:
-        """Every trainer option, defaults filled in."""
-        return {key: self.data.get("trainer", {}).get(key, option.default) for key, option in TRAINER.items()}
+        return self.data["trainer"]
 
     @property
     def save_dir(self) -> Path:
@@ -420,12 +279,12 @@ def validate(data: dict, lookups: dict[str, ModuleType], trusted: Callable[[str]
     errors: list[tuple[str, str]] = []
     for key in data:
         if key not in TOP_LEVEL:
-            errors.append((key, f"unknown top-level key{_close(key, TOP_LEVEL)}"))
+            errors.append((key, f"unknown top-level key{close_match(key, TOP_LEVEL)}"))
     misspelt = {match for key in data if key not in TOP_LEVEL for match in difflib.get_close_matches(key, TOP_LEVEL, 1)}
     errors += [e for e in _check_options(data, TOP_LEVEL, "") if e[0] not in misspelt]  # one error per typo
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
-        errors += [(f"trainer.{k}", f"unknown trainer option{_close(k, TRAINER)}") for k in trainer if k not in TRAINER]
+        errors += [(f"trainer.{k}", f"unknown trainer option{close_match(k, TRAINER)}") for k in trainer if k not in TRAINER]
         errors += _check_options(trainer, TRAINER, "trainer.")
     for section, keys in SECTION_KEYS.items():
         if isinstance(data.get(section), dict):
@@ -459,7 +318,7 @@ def _check_options(data: dict, table: dict[str, Option], prefix: str) -> list[tu
 def _check_section(data: dict, section: str, keys: tuple[str, ...], lookup: ModuleType | None,
                    trusted: Callable[[str], bool], allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     node = data[section]
-    errors = [(f"{section}.{k}", f"unknown key{_close(k, keys)}; a section holds {', '.join(keys)}")
+    errors = [(f"{section}.{k}", f"unknown key{close_match(k, keys)}; a section holds {', '.join(keys)}")
               for k in node if k not in keys]
     if section == "arch":
         errors += _check_options({k: v for k, v in node.items() if v is not None}, ARCH_EXTRAS, "arch.")
@@ -489,7 +348,7 @@ def _check_transforms(items: list, lookup: ModuleType, trusted: bool, allowed: t
             errors.append((path, "must be a mapping with 'type' and optional 'args'"))
             continue
         try:
-            obj = resolve_type(item.get("type"), lookup, trusted, allowed, TRANSFORMS_KEY)
+            obj = resolve_type(item.get("type"), lookup, trusted, allowed, "transform")
         except ConfigError as error:
             errors.append((f"{path}.type", str(error)))
             continue
@@ -501,7 +360,7 @@ def _check_init_from(spec: Any) -> list[tuple[str, str]]:
     if not isinstance(spec, dict):
         return []
     known = ("path", "strict", "exclude")
-    errors = [(f"arch.init_from.{k}", f"unknown key{_close(k, known)}") for k in spec if k not in known]
+    errors = [(f"arch.init_from.{k}", f"unknown key{close_match(k, known)}") for k in spec if k not in known]
     if not isinstance(spec.get("path"), str):
         errors.append(("arch.init_from.path", "is required: the checkpoint or state_dict file to load from"))
     if not isinstance(spec.get("strict", False), bool):
@@ -526,7 +385,7 @@ def _check_monitor(data: dict, lookups: dict[str, ModuleType]) -> list[tuple[str
     known = produced + [f"val_{name}" for name in produced]
     metric = monitor[1]
     if metric not in known:
-        return [("trainer.monitor", f"'{metric}' is not a produced metric{_close(metric, known)}; "
+        return [("trainer.monitor", f"'{metric}' is not a produced metric{close_match(metric, known)}; "
                                     f"choose from {', '.join(known)}")]
     if metric.startswith("val_") and not has_validation:
         return [("trainer.monitor", f"'{metric}' needs validation data: set data_loader.args.validation_split")]
@@ -617,11 +476,21 @@ def parse_args(argv: list[str] | None, lookups: dict[str, ModuleType], descripti
         errors.append(("name", _check_path_name(data["name"])))
     if errors:
         raise ConfigError("\n".join(_located(source, overrides, path, problem) for path, problem in errors))
+    data = with_defaults(data)
     run_id = args.run_id or _default_run_id(data, checkpoint_path)
     if _check_path_name(run_id):
         raise ConfigError(f"--run-id: {_check_path_name(run_id)}")
     return Config(data, source, run_id, trusted_paths, trust_all, allowed, checkpoint, checkpoint_path,
                   args.device, args.print_config)
+
+
+def with_defaults(data: dict) -> dict:
+    """The config as it will run: every framework option present, so that config.yaml and the checkpoint
+    record what ran even if a later version changes a default."""
+    filled = {key: copy.deepcopy(data.get(key, option.default)) for key, option in TOP_LEVEL.items()
+              if key in data or option.default is not REQUIRED}
+    filled["trainer"] = {key: data.get("trainer", {}).get(key, option.default) for key, option in TRAINER.items()}
+    return filled
 
 
 def _located(source: str, overrides: list[str], path: str, problem: str) -> str:
@@ -635,7 +504,7 @@ def _located(source: str, overrides: list[str], path: str, problem: str) -> str:
 def _default_run_id(data: dict, checkpoint_path: Path | None) -> str:
     """A resumed run continues in its own directory when the checkpoint lies in one; else a timestamp."""
     if checkpoint_path is not None:
-        runs = Path(data.get("trainer", {}).get("save_dir", TRAINER["save_dir"].default)) / "models" / data["name"]
+        runs = Path(data["trainer"]["save_dir"]) / "models" / data["name"]
         if checkpoint_path.parent.parent.resolve() == runs.resolve():
             return checkpoint_path.parent.name
     return datetime.now().strftime("%m%d_%H%M%S")

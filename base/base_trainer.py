@@ -181,7 +181,8 @@ class BaseTrainer:
             "state_dict": self.unwrapped_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "monitor": self.monitor.state_dict(),
+            "monitor_best": self.monitor.best,
+            "not_improved_count": self.monitor.not_improved,
             "metrics": self.train_metrics.state_dict(),
             "data_order": self.batches.state_dict(),
             "rng": rng_state(),
@@ -196,7 +197,7 @@ class BaseTrainer:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
             if keep_scheduler and self.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            self.monitor.load_state_dict(checkpoint["monitor"])
+            self.monitor.best, self.monitor.not_improved = checkpoint["monitor_best"], checkpoint["not_improved_count"]
             self.train_metrics.load_state_dict(checkpoint["metrics"], self.device)
             self.batches.load_state_dict(checkpoint["data_order"])
             self.completed_epochs, self._resume_batch = checkpoint["epoch"], checkpoint["batches_in_epoch"]

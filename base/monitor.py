@@ -1,6 +1,8 @@
 """The monitored metric: best value so far, improvement, early stop."""
 import math
 
+from utils.errors import TrainingError
+
 
 def parse_monitor(text: object) -> tuple[str, str] | None:
     """`off` -> None; `min val_loss` -> ('min', 'val_loss'); anything else raises ValueError."""
@@ -26,6 +28,9 @@ class Monitor:
         """Whether this epoch is the best so far."""
         if self.mode == "off":
             return False
+        if self.metric not in log:
+            raise TrainingError(f"trainer.monitor: '{self.metric}' is not in this epoch's log "
+                                f"({', '.join(log)}); monitor one of those")
         value = log[self.metric]
         improved = value < self.best if self.mode == "min" else value > self.best
         if improved:
@@ -37,9 +42,3 @@ class Monitor:
     @property
     def should_stop(self) -> bool:
         return self.early_stop > 0 and self.not_improved >= self.early_stop
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "not_improved": self.not_improved}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.not_improved = state["best"], state["not_improved"]

@@ -1,5 +1,6 @@
 """Shared helpers: tiny configs on the bundled MNIST digits, in temporary directories."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def tiny_config(tmp_path: Path, **trainer: object) -> dict:
 
 def write_config(tmp_path: Path, config: dict, name: str = "config.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(json.dumps(config) if path.suffix == ".json" else yaml.safe_dump(config, sort_keys=False))
     return path
 
 

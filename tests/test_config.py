@@ -9,7 +9,7 @@ import yaml
 
 import train
 from conftest import ROOT, TINY, files_under, tiny_config, write_config
-from parse_config import FloatSafeLoader, load_config_file, parse_args, parse_override, resolve_type
+from parse_config import TOP_LEVEL, TRAINER, FloatSafeLoader, load_config_file, parse_args, parse_override, resolve_type
 from utils.errors import ConfigError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.*"))
@@ -81,6 +81,31 @@ def test_overrides_parse_values_as_yaml_and_add_known_keys(tmp_path):
     assert config["arch"]["args"] == {"num_classes": 10} and config.trainer["tensorboard"] is False
 
 
+def test_override_fills_a_section_the_file_sets_to_null(tmp_path):
+    config = parse("-c", str(write_config(tmp_path, {**TINY, "lr_scheduler": None})),
+                   "lr_scheduler.type=StepLR", "lr_scheduler.args.step_size=2")
+    assert config["lr_scheduler"] == {"type": "StepLR", "args": {"step_size": 2}}
+
+
+def test_resolved_config_has_every_default(tmp_path):
+    minimal = {key: TINY[key] for key in ("name", "arch", "data_loader", "optimizer", "loss")}
+    config = parse("-c", str(write_config(tmp_path, minimal)))
+    assert config["seed"] == 123 and config["metrics"] == [] and config["lr_scheduler"] is None
+    assert config.trainer["epochs"] == 10 and config.trainer["monitor"] == "off"
+    assert list(config.data) == ["name", "n_gpu", "seed", "imports", "arch", "data_loader", "optimizer", "loss",
+                                 "metrics", "lr_scheduler", "trainer"]
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key, option in TRAINER.items():
+        assert f"  {key:<24}{option.doc} ({option.default!r})" in text
+    assert all(f"  {key:<24}" in text for key in TOP_LEVEL)
+
+
 def test_override_splits_on_first_equals_sign_only():
     assert parse_override("trainer.monitor=a=b") == (["trainer", "monitor"], "a=b")
 
@@ -130,6 +155,12 @@ FILE_ERRORS = [  # (config, overrides, expected message after "error: <file>: ")
      "choose from loss, accuracy, val_loss, val_accuracy"),
     ({**TINY, "data_loader": {"type": "MnistDataLoader", "args": {"batch_size": 4}}}, [],
      "data_loader.args.data_dir: is a required argument of MnistDataLoader; add it"),
+    ({**TINY, "data_loader": {**TINY["data_loader"], "args": {**TINY["data_loader"]["args"],
+                                                            "transforms": [{"type": "ToTensr"}]}}}, [],
+     "data_loader.args.transforms[0].type: unknown type 'ToTensr' in torchvision.transforms (did you mean 'ToTensor'?)"),
+    ({**TINY, "arch": {"type": "MnistModel", "init": "kaiming"}}, [],
+     "arch.init: must be one of kaiming_uniform, kaiming_normal, xavier_uniform, xavier_normal, orthogonal, "
+     "not 'kaiming'"),
 ]
 OVERRIDE_ERRORS = [  # (override, expected message after "error: ")
     ("arch.type=MnistModle",

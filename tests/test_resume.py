@@ -40,6 +40,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, stop_at, work
                                load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"))
 
 
+def test_mid_epoch_resume_with_iteration_based_epochs(tmp_path):
+    reference = _reference(tmp_path, 0, len_epoch=5)  # epochs of 5 steps cut across the 8-batch passes
+    stopped = load(reference / "checkpoint-last.pth")
+    assert (stopped["epoch"], stopped["batches_in_epoch"], stopped["data_order"]) == (2, 3, {"pass": 1,
+                                                                                              "batches_done": 5})
+    assert train.main(["-r", str(reference / "checkpoint-last.pth"), "--run-id", "resumed"]) == 0
+    assert_same_training_state(load(reference / "checkpoint-epoch3.pth"),
+                               load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"))
+
+
 def test_mid_epoch_checkpoint_holds_partial_epoch_metrics_and_data_order(tmp_path):
     checkpoint = load(_reference(tmp_path, 0) / "checkpoint-last.pth")
     assert checkpoint["data_order"] == {"pass": 1, "batches_done": 5}
@@ -108,8 +118,9 @@ def test_second_signal_kills_at_once(tmp_path):
 def test_kill_9_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
     """Saves every step, so many kills land mid-save; each run must resume to the reference result."""
     rng = random.Random(2026)
-    _, config_path = _start(tmp_path, "unused")
-    assert train.main(["-c", str(config_path), "--run-id", "reference", "trainer.save_every_steps=1"]) == 0
+    config = tiny_config(tmp_path, save_every_steps=1)
+    config["data_loader"]["args"]["limit"] = 1600
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "reference"]) == 0
     expected = load(run_dir(tmp_path, "reference") / "checkpoint-epoch2.pth")
     killed_mid_save = 0
     for trial in range(5):

@@ -51,7 +51,7 @@ ATTACKS = [  # (config keys the checkpoint carries, key path, expected problem)
      "functions must come from model, torchvision.models, torch.nn.functional, torchvision.transforms"),
     ({"optimizer": {"type": "torch.nn.Linear", "args": {"in_features": 1, "out_features": 1}}}, "optimizer.type",
      "'torch.nn.Linear' (defined in 'torch.nn.modules.linear') may not be named by a checkpoint's config: "
-     "optimizer classes must subclass torch.optim.Optimizer"),
+     "optimizer must be torch.optim.Optimizer"),
     ({"arch": {"type": "torch._C._get_tracing_state", "args": {}}}, "arch.type",
      "'torch._C._get_tracing_state' names a private attribute"),
     ({"imports": ["subprocess"], "arch": {"type": "subprocess.Popen", "args": {"args": PAYLOAD}}}, "arch.type",

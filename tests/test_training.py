@@ -1,10 +1,12 @@
 """The training core: an end-to-end run on the bundled digits, determinism, schedulers, logging, test.py."""
 import json
 import math
+import os
 
 import pytest
 import torch
 import torchvision
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import new_project
@@ -33,7 +35,9 @@ def test_end_to_end_on_bundled_digits(tmp_path, capsys):
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoint-epoch1.pth", "checkpoint-epoch2.pth",
                                                 "model_best.pth"}
     best = load(run / "model_best.pth")
-    assert best["monitor"]["best"] < 1.0 and best["epoch"] == 2
+    assert best["monitor_best"] < 1.0 and best["epoch"] == 2
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written == best["config"] and written["trainer"]["log_step"] == 5 and written["trainer"]["keep_last"] == 0
     summary = capsys.readouterr().out
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
         assert f"    {key:<15}: " in summary
@@ -87,7 +91,7 @@ def test_reduce_lr_on_plateau_follows_the_monitored_metric(tmp_path):
     config = tiny_config(tmp_path, monitor="max val_accuracy")
     config["lr_scheduler"] = {"type": "ReduceLROnPlateau", "args": {"mode": "max", "patience": 0, "threshold": 0}}
     checkpoint = load(train_run(tmp_path, "plateau", config) / "checkpoint-epoch2.pth")
-    assert checkpoint["lr_scheduler"]["best"] == checkpoint["monitor"]["best"]
+    assert checkpoint["lr_scheduler"]["best"] == checkpoint["monitor_best"]
 
 
 def test_iteration_based_epochs(tmp_path):
@@ -182,3 +186,28 @@ def test_new_project_copies_without_git_saved_and_caches(tmp_path):
     assert (target / "train.py").is_file() and (target / "data" / "mnist-5k" / "README.md").is_file()
     assert not (target / ".git").exists() and not (target / "saved").exists()
     assert not list(target.rglob("__pycache__"))
+
+
+def test_pytorch_template_config_trains_and_configured_transforms_survive_the_checkpoint(tmp_path, capsys):
+    from test_config import PYTORCH_TEMPLATE_CONFIG  # its config has no seed, no save_every_steps, ...
+
+    config = {**PYTORCH_TEMPLATE_CONFIG, "trainer": {**PYTORCH_TEMPLATE_CONFIG["trainer"], "epochs": 1,
+                                                     "save_dir": str(tmp_path / "saved"), "tensorboard": False}}
+    config["data_loader"]["args"] = {**config["data_loader"]["args"], "num_workers": 0, "limit": 256,
+                                     "transforms": [{"type": "RandomRotation", "args": {"degrees": 5}},
+                                                    {"type": "ToTensor"}]}
+    path = write_config(tmp_path, config, "template.json")
+    assert train.main(["-c", str(path), "--run-id", "compat", "-d", "0"]) == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    checkpoint = tmp_path / "saved/models/Mnist_LeNet/compat/checkpoint-epoch1.pth"
+    assert load(checkpoint)["config"]["seed"] == 123
+    assert test_script.main(["-r", str(checkpoint)]) == 0, capsys.readouterr().err
+
+
+def test_weight_init_from_config(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    config["arch"]["init"] = "orthogonal"
+    config["optimizer"]["args"]["lr"] = 0.0
+    weights = load(train_run(tmp_path, "init", config) / "checkpoint-epoch1.pth")["state_dict"]
+    gram = weights["fc2.weight"] @ weights["fc2.weight"].T
+    assert torch.allclose(gram, torch.eye(10), atol=1e-5) and torch.all(weights["fc2.bias"] == 0)
