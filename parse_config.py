@@ -124,6 +124,7 @@ ARCH_EXTRAS = {
 RUNTIME_ARGS = {"optimizer": 1, "lr_scheduler": 1}  # params / optimizer, passed by train.py
 TRANSFORMS_KEY = "data_loader.args.transforms"
 
+
 def metric_name(type_name: str) -> str:
     """The logged name of a metric: the last part of its `type` (`accuracy`, `mypkg.f1` -> `f1`)."""
     return type_name.split(":")[-1].split(".")[-1]
@@ -168,7 +169,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.load(raw, Loader=FloatSafeLoader) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override '{text}': the value is not valid YAML: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", error)
+        raise ConfigError(f"override '{text}': the value is not valid YAML: {problem}") from None
     return parts, value
 
 
@@ -280,11 +282,13 @@ def validate(data: dict, lookups: dict[str, ModuleType], trusted: Callable[[str]
     for key in data:
         if key not in TOP_LEVEL:
             errors.append((key, f"unknown top-level key{close_match(key, TOP_LEVEL)}"))
-    misspelt = {match for key in data if key not in TOP_LEVEL for match in difflib.get_close_matches(key, TOP_LEVEL, 1)}
+    misspelt = {match for key in data if key not in TOP_LEVEL
+                for match in difflib.get_close_matches(key, TOP_LEVEL, n=1)}
     errors += [e for e in _check_options(data, TOP_LEVEL, "") if e[0] not in misspelt]  # one error per typo
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
-        errors += [(f"trainer.{k}", f"unknown trainer option{close_match(k, TRAINER)}") for k in trainer if k not in TRAINER]
+        errors += [(f"trainer.{key}", f"unknown trainer option{close_match(key, TRAINER)}")
+                   for key in trainer if key not in TRAINER]
         errors += _check_options(trainer, TRAINER, "trainer.")
     for section, keys in SECTION_KEYS.items():
         if isinstance(data.get(section), dict):
@@ -330,7 +334,8 @@ def _check_section(data: dict, section: str, keys: tuple[str, ...], lookup: Modu
         obj = resolve_type(node.get("type"), lookup, trusted(f"{section}.type"), allowed, section)
     except ConfigError as error:
         return errors + [(f"{section}.type", str(error))]
-    errors += [(f"{section}.args.{key}", problem) for key, problem in check_arguments(obj, args, RUNTIME_ARGS.get(section, 0))]
+    problems = check_arguments(obj, args, RUNTIME_ARGS.get(section, 0))
+    errors += [(f"{section}.args.{key}", problem) for key, problem in problems]
     if section == "data_loader" and isinstance(args.get("transforms"), list):
         errors += _check_transforms(args["transforms"], lookup_for_transforms(), trusted(TRANSFORMS_KEY), allowed)
     return errors
@@ -340,7 +345,8 @@ def lookup_for_transforms() -> ModuleType:
     return importlib.import_module("torchvision.transforms")
 
 
-def _check_transforms(items: list, lookup: ModuleType, trusted: bool, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+def _check_transforms(items: list, lookup: ModuleType, trusted: bool,
+                      allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     errors = []
     for index, item in enumerate(items):
         path = f"{TRANSFORMS_KEY}[{index}]"
@@ -462,8 +468,8 @@ def parse_args(argv: list[str] | None, lookups: dict[str, ModuleType], descripti
     if args.config:
         user_data = load_config_file(args.config)
     source = args.config or str(checkpoint_path)
-    overrides = [f"optimizer.args.lr={args.lr!r}"] * (args.lr is not None) + \
-                [f"data_loader.args.batch_size={args.bs}"] * (args.bs is not None) + args.overrides
+    shortcuts = {"optimizer.args.lr": args.lr, "data_loader.args.batch_size": args.bs}
+    overrides = [f"{key}={value!r}" for key, value in shortcuts.items() if value is not None] + args.overrides
     for text in overrides:
         set_key(user_data, *parse_override(text), text)
     data = deep_merge(data, user_data)

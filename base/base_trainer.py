@@ -49,7 +49,7 @@ class BaseTrainer:
         self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
         self._show_progress = options["progress_bar"] and sys.stderr.isatty()
         self._bar: tqdm | None = None
-        self.writer = TensorboardWriter(self.log_dir, enabled=False)
+        self.writer = TensorboardWriter(self.log_dir, enabled=False)  # a no-op until fit() opens the real one
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         raise NotImplementedError

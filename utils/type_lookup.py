@@ -145,7 +145,7 @@ def check_arguments(obj: Any, args: dict, runtime_args: int = 0) -> list[tuple[s
     problems = []
     for key in args:
         if key in at_runtime:
-            problems.append((key, f"is passed by the framework at run time; remove it from the config"))
+            problems.append((key, "is passed by the framework at run time; remove it from the config"))
         elif key not in configurable and not takes_any:
             problems.append((key, f"is not an argument of {_qualname(obj)}{close_match(key, configurable)}"))
     for p in named[runtime_args:]:
