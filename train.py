@@ -80,7 +80,7 @@ def _restore(trainer: Trainer, config: Config) -> None:
             for key in ("optimizer", "lr_scheduler")}
     for key, kept in same.items():
         if not kept:
-            logging.getLogger("train").warning("%s type changed since the checkpoint: its state starts fresh", key)
+            logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
     trainer.restore(config.checkpoint, config.checkpoint_path, same["optimizer"], same["lr_scheduler"])
 
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if init_counts is not None:
             logger.info("init_from %s: %s", config["arch"]["init_from"]["path"], init_counts)
         if config.checkpoint is not None:
-            logger.info("Resuming from %s at epoch %d", config.checkpoint_path, trainer.start_epoch)
+            logger.info("Resuming from %s: epoch %d, batch %d", config.checkpoint_path, trainer.completed_epochs + 1,
+                        trainer.batches_in_epoch)
         trainer.fit()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

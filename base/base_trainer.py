@@ -43,9 +43,9 @@ class BaseTrainer:
         self.train_metrics = MetricTracker("loss", *metric_ftns)
         self.valid_metrics = MetricTracker("loss", *metric_ftns)
         self.stop_request = StopRequest()
-        self.start_epoch, self.global_step, self.skipped_steps = 1, 0, 0
-        self.completed_epochs, self.batches_in_epoch = 0, 0
-        self._resume_batch, self._resumed = 0, False
+        self.global_step, self.skipped_steps = 0, 0
+        self.completed_epochs, self.batches_in_epoch = 0, 0  # where training stands: what a resume restores
+        self._resumed = False
         self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
         self._show_progress = options["progress_bar"] and sys.stderr.isatty()
         self._bar: tqdm | None = None
@@ -64,7 +64,7 @@ class BaseTrainer:
         self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"], purge_step)
         try:
             with self.stop_request:
-                for epoch in range(self.start_epoch, self.epochs + 1):
+                for epoch in range(self.completed_epochs + 1, self.epochs + 1):
                     log = {"epoch": epoch, "lr": self.learning_rate, **self._train_epoch(epoch)}
                     if self.valid_data_loader is not None:
                         log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
@@ -104,7 +104,7 @@ class BaseTrainer:
     # ---- helpers for the per-batch loop ----
     def _train_batches(self, epoch: int) -> Iterator[tuple[int, Any]]:
         """(batch index, batch) for this epoch; a resumed epoch continues at its next batch."""
-        start, self._resume_batch = self._resume_batch, 0
+        start = self.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
         with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}", leave=False,
@@ -200,10 +200,9 @@ class BaseTrainer:
             self.monitor.best, self.monitor.not_improved = checkpoint["monitor_best"], checkpoint["not_improved_count"]
             self.train_metrics.load_state_dict(checkpoint["metrics"], self.device)
             self.batches.load_state_dict(checkpoint["data_order"])
-            self.completed_epochs, self._resume_batch = checkpoint["epoch"], checkpoint["batches_in_epoch"]
+            self.completed_epochs, self.batches_in_epoch = checkpoint["epoch"], checkpoint["batches_in_epoch"]
             self.global_step, self.skipped_steps = checkpoint["global_step"], checkpoint["skipped_steps"]
             set_rng_state(checkpoint["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{source}: cannot resume from it: {type(error).__name__}: {error}") from None
-        self.start_epoch, self.batches_in_epoch = self.completed_epochs + 1, self._resume_batch
         self._resumed = True
