@@ -189,3 +189,27 @@ def test_nonfinite_loss_skip_mode_skips_and_counts(tmp_path, capsys):
     assert final["skipped_steps"] == 1 and final["global_step"] == 16
     assert all(torch.isfinite(t).all() for t in final["state_dict"].values())
     assert "Non-finite loss at epoch 1 batch 3: step skipped (1 so far)" in capsys.readouterr().out
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    def __init__(self):
+        self.loaded = []
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        self.loaded.append(index)
+        return torch.tensor(index)
+
+
+def test_resumed_batches_are_skipped_without_loading_them():
+    from base.base_data_loader import BaseDataLoader, BatchStream
+
+    dataset = _CountingDataset()
+    stream = BatchStream(BaseDataLoader(dataset, 4, num_workers=0, seed=3))
+    first_pass = [next(stream) for _ in range(10)]
+    dataset.loaded.clear()
+    stream.load_state_dict({"pass": 0, "batches_done": 7})
+    assert torch.equal(next(stream), first_pass[7])
+    assert len(dataset.loaded) == 4, "only the next batch is loaded"

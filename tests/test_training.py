@@ -211,3 +211,25 @@ def test_weight_init_from_config(tmp_path):
     weights = load(train_run(tmp_path, "init", config) / "checkpoint-epoch1.pth")["state_dict"]
     gram = weights["fc2.weight"] @ weights["fc2.weight"].T
     assert torch.allclose(gram, torch.eye(10), atol=1e-5) and torch.all(weights["fc2.bias"] == 0)
+
+
+class _RandomPerSample(torch.utils.data.Dataset):
+    """Returns numpy and python random draws, as an augmentation inside a worker would."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+        return torch.tensor([np.random.rand(), random.random()])
+
+
+def test_loader_workers_are_seeded_from_the_run_seed():
+    def draws(seed):
+        loader = BaseDataLoader(_RandomPerSample(), 4, num_workers=2, seed=seed)
+        loader.set_epoch(0)
+        return torch.cat(list(loader))
+
+    assert torch.equal(draws(1), draws(1)) and not torch.equal(draws(1), draws(2))
