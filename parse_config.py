@@ -5,8 +5,6 @@ run directory exists. Framework-owned options are declared once, in TOP_LEVEL an
 """
 import argparse
 import copy
-import difflib
-import importlib
 import inspect
 import json
 import re
@@ -22,7 +20,7 @@ from base.base_model import INIT_SCHEMES
 from base.monitor import parse_monitor
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
-from utils.type_lookup import check_arguments, close_match, resolve_type
+from utils.type_lookup import check_arguments, close_match, closest, resolve_type
 
 
 class FloatSafeLoader(yaml.SafeLoader):
@@ -282,8 +280,7 @@ def validate(data: dict, lookups: dict[str, ModuleType], trusted: Callable[[str]
     for key in data:
         if key not in TOP_LEVEL:
             errors.append((key, f"unknown top-level key{close_match(key, TOP_LEVEL)}"))
-    misspelt = {match for key in data if key not in TOP_LEVEL
-                for match in difflib.get_close_matches(key, TOP_LEVEL, n=1)}
+    misspelt = {closest(key, TOP_LEVEL) for key in data if key not in TOP_LEVEL}
     errors += [e for e in _check_options(data, TOP_LEVEL, "") if e[0] not in misspelt]  # one error per typo
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
@@ -292,7 +289,7 @@ def validate(data: dict, lookups: dict[str, ModuleType], trusted: Callable[[str]
         errors += _check_options(trainer, TRAINER, "trainer.")
     for section, keys in SECTION_KEYS.items():
         if isinstance(data.get(section), dict):
-            errors += _check_section(data, section, keys, lookups.get(section), trusted, allowed)
+            errors += _check_section(data, section, keys, lookups, trusted, allowed)
     for key in ("loss", "metrics"):
         names = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
         for index, name in enumerate(names if isinstance(data.get(key), (str, list)) else []):
@@ -319,7 +316,7 @@ def _check_options(data: dict, table: dict[str, Option], prefix: str) -> list[tu
     return errors
 
 
-def _check_section(data: dict, section: str, keys: tuple[str, ...], lookup: ModuleType | None,
+def _check_section(data: dict, section: str, keys: tuple[str, ...], lookups: dict[str, ModuleType],
                    trusted: Callable[[str], bool], allowed: tuple[str, ...]) -> list[tuple[str, str]]:
     node = data[section]
     errors = [(f"{section}.{k}", f"unknown key{close_match(k, keys)}; a section holds {', '.join(keys)}")
@@ -331,18 +328,14 @@ def _check_section(data: dict, section: str, keys: tuple[str, ...], lookup: Modu
     if not isinstance(args, dict):
         return errors + [(f"{section}.args", f"must be a mapping of constructor arguments, not {args!r}")]
     try:
-        obj = resolve_type(node.get("type"), lookup, trusted(f"{section}.type"), allowed, section)
+        obj = resolve_type(node.get("type"), lookups.get(section), trusted(f"{section}.type"), allowed, section)
     except ConfigError as error:
         return errors + [(f"{section}.type", str(error))]
     problems = check_arguments(obj, args, RUNTIME_ARGS.get(section, 0))
     errors += [(f"{section}.args.{key}", problem) for key, problem in problems]
-    if section == "data_loader" and isinstance(args.get("transforms"), list):
-        errors += _check_transforms(args["transforms"], lookup_for_transforms(), trusted(TRANSFORMS_KEY), allowed)
+    if section == "data_loader" and TRANSFORMS_KEY in lookups and isinstance(args.get("transforms"), list):
+        errors += _check_transforms(args["transforms"], lookups[TRANSFORMS_KEY], trusted(TRANSFORMS_KEY), allowed)
     return errors
-
-
-def lookup_for_transforms() -> ModuleType:
-    return importlib.import_module("torchvision.transforms")
 
 
 def _check_transforms(items: list, lookup: ModuleType, trusted: bool,
@@ -472,22 +465,20 @@ def parse_args(argv: list[str] | None, lookups: dict[str, ModuleType], descripti
     overrides = [f"{key}={value!r}" for key, value in shortcuts.items() if value is not None] + args.overrides
     for text in overrides:
         set_key(user_data, *parse_override(text), text)
-    data = deep_merge(data, user_data)
-    trust_all = args.trust_checkpoint_config or not args.resume
-    trusted_paths = _leaf_paths(user_data)
     allowed = tuple(user_data.get("imports") or ()) if isinstance(user_data.get("imports"), list) else ()
-    is_trusted = (lambda path: True) if trust_all else (lambda path: path in trusted_paths)
-    errors = validate(data, lookups, is_trusted, allowed)
-    if isinstance(data.get("name"), str) and _check_path_name(data["name"]):
-        errors.append(("name", _check_path_name(data["name"])))
+    trust_all = args.trust_checkpoint_config or not args.resume
+    config = Config(deep_merge(data, user_data), source, args.run_id or "", _leaf_paths(user_data), trust_all,
+                    allowed, checkpoint, checkpoint_path, args.device, args.print_config)
+    errors = validate(config.data, lookups, config.is_trusted, allowed)
+    if isinstance(config.data.get("name"), str) and _check_path_name(config.data["name"]):
+        errors.append(("name", _check_path_name(config.data["name"])))
     if errors:
         raise ConfigError("\n".join(_located(source, overrides, path, problem) for path, problem in errors))
-    data = with_defaults(data)
-    run_id = args.run_id or _default_run_id(data, checkpoint_path)
-    if _check_path_name(run_id):
-        raise ConfigError(f"--run-id: {_check_path_name(run_id)}")
-    return Config(data, source, run_id, trusted_paths, trust_all, allowed, checkpoint, checkpoint_path,
-                  args.device, args.print_config)
+    config.data = with_defaults(config.data)
+    config.run_id = config.run_id or _default_run_id(config.data, checkpoint_path)
+    if _check_path_name(config.run_id):
+        raise ConfigError(f"--run-id: {_check_path_name(config.run_id)}")
+    return config
 
 
 def with_defaults(data: dict) -> dict:

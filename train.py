@@ -15,7 +15,7 @@ import model.metric as module_metric
 import model.model as module_arch
 from base.base_model import init_weights
 from logger import setup_logging
-from parse_config import Config, metric_name, parse_args
+from parse_config import TRANSFORMS_KEY, Config, metric_name, parse_args
 from trainer import Trainer
 from utils.checkpoint import load_matching_weights, load_state_dict_file
 from utils.device import prepare_device
@@ -28,7 +28,8 @@ logger = logging.getLogger("train")
 def lookups() -> dict[str, ModuleType]:
     """Where each section's short `type` names are looked up."""
     return {"arch": module_arch, "data_loader": module_data, "optimizer": torch.optim,
-            "lr_scheduler": torch.optim.lr_scheduler, "loss": module_loss, "metrics": module_metric}
+            "lr_scheduler": torch.optim.lr_scheduler, "loss": module_loss, "metrics": module_metric,
+            TRANSFORMS_KEY: module_data.tv_transforms}
 
 
 def build_model(config: Config) -> nn.Module:

@@ -94,33 +94,36 @@ def load_state_dict_file(path: Path) -> dict:
     return state
 
 
-def _compare(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    own = model.state_dict()
+def _compare(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     return {
         "missing": [key for key in own if key not in state_dict],
         "unexpected": [key for key in state_dict if key not in own],
-        "shape-mismatched": [
-            f"{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-            for key in own
-            if key in state_dict and state_dict[key].shape != own[key].shape
-        ],
+        "shape-mismatched": [key for key in own if key in state_dict and state_dict[key].shape != own[key].shape],
     }
 
 
-def _describe(problems: Mapping[str, list[str]], shown: int = 3) -> str:
+def _describe(problems: Mapping[str, list[str]], own: Mapping[str, torch.Tensor],
+              state_dict: Mapping[str, torch.Tensor], shown: int = 3) -> str:
+    def label(kind: str, key: str) -> str:
+        if kind != "shape-mismatched":
+            return key
+        return f"{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+
     parts = []
     for kind, keys in problems.items():
         if keys:
             more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-            parts.append(f"{len(keys)} {kind}: {', '.join(keys[:shown])}{more}")
+            parts.append(f"{len(keys)} {kind}: {', '.join(label(kind, key) for key in keys[:shown])}{more}")
     return "; ".join(parts)
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path) -> None:
     """Load strictly, naming the first missing, unexpected and mis-shaped keys."""
-    problems = _compare(model, state_dict)
+    own = model.state_dict()
+    problems = _compare(own, state_dict)
     if any(problems.values()):
-        raise CheckpointError(f"{source}: its state_dict does not fit the configured model: {_describe(problems)}")
+        raise CheckpointError(f"{source}: its state_dict does not fit the configured model: "
+                              f"{_describe(problems, own, state_dict)}")
     model.load_state_dict(state_dict)
 
 
@@ -130,11 +133,12 @@ def load_matching_weights(
     """Copy the tensors that fit (the partial-update and drop-the-head recipes); return the counts."""
     patterns = [re.compile(pattern) for pattern in exclude]
     kept = {key: value for key, value in state_dict.items() if not any(p.search(key) for p in patterns)}
-    problems = _compare(model, kept)
-    mismatched = {entry.split(" ")[0] for entry in problems["shape-mismatched"]}
+    own = model.state_dict()
+    problems = _compare(own, kept)
     if strict and any(problems.values()):
-        raise CheckpointError(f"{source}: init_from with strict: true, but {_describe(problems)}")
-    loadable = {key: value for key, value in kept.items() if key in model.state_dict() and key not in mismatched}
+        raise CheckpointError(f"{source}: init_from with strict: true, but {_describe(problems, own, kept)}")
+    mismatched = set(problems["shape-mismatched"])
+    loadable = {key: value for key, value in kept.items() if key in own and key not in mismatched}
     model.load_state_dict(loadable, strict=False)
     return {
         "loaded": len(loadable),

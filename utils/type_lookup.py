@@ -27,9 +27,16 @@ UNTRUSTED_CLASS_BASES = {  # what a class named by a checkpoint's config must be
 UNTRUSTED_FUNCTION_MODULES = ("model", "torchvision.models", "torch.nn.functional", "torchvision.transforms")
 
 
-def close_match(name: str, candidates: Any) -> str:
+def closest(name: str, candidates: Any) -> str | None:
+    """The candidate within a small edit distance of `name`, if any."""
     match = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    return match[0] if match else None
+
+
+def close_match(name: str, candidates: Any) -> str:
+    """' (did you mean ...?)' for error messages, or nothing."""
+    match = closest(name, candidates)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 def _in_modules(module_name: str, prefixes: Any) -> bool:
