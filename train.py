@@ -1,35 +1,43 @@
 """Train from a config: python train.py -c configs/mnist.yaml [key.path=value ...]; resume with -r."""
+import inspect
 import logging
 import os
 import sys
-from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torchvision.transforms
 import yaml
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 import data_loader.data_loaders as module_data
 import model.loss as module_loss
 import model.metric as module_metric
 import model.model as module_arch
+from base import BaseDataLoader
+from base.base_data_loader import split_loader_args
 from base.base_model import init_weights
+from base.config_validation import PER_BATCH_SCHEDULERS, PLATEAU, callable_spec, metric_name, scheduler_monitor
 from logger import setup_logging
-from parse_config import TRANSFORMS_KEY, Config, metric_name, parse_args
+from parse_config import Config, parse_args
 from trainer import Trainer
+from trainer.options import PROJECT_OPTIONS
+from utils import user_code
 from utils.checkpoint import load_matching_weights, load_state_dict_file
 from utils.device import prepare_device
 from utils.errors import ConfigError, TrainingError, TrainingInterrupted
 from utils.seeding import seed_everything, set_determinism
 
 logger = logging.getLogger("train")
+COMPOSED_TRANSFORM_ARGS = ("transform", "target_transform")
 
 
-def lookups() -> dict[str, ModuleType]:
-    """Where each section's short `type` names are looked up."""
+def lookups() -> dict[str, Any]:
+    """Where each section's short `type` names are looked up, first match first."""
     return {"arch": module_arch, "data_loader": module_data, "optimizer": torch.optim,
-            "lr_scheduler": torch.optim.lr_scheduler, "loss": module_loss, "metrics": module_metric,
-            TRANSFORMS_KEY: module_data.tv_transforms}
+            "lr_scheduler": torch.optim.lr_scheduler, "loss": (module_loss, torch.nn), "metrics": module_metric,
+            "transforms": torchvision.transforms}
 
 
 def build_model(config: Config) -> nn.Module:
@@ -39,10 +47,100 @@ def build_model(config: Config) -> nn.Module:
     return model
 
 
+def build_callable(config: Config, path: str, spec: str | dict, lookup: Any) -> Callable:
+    """A loss or metric: a class is instantiated once with its args; a function is called per batch with its args."""
+    name, args = callable_spec(spec)
+    obj = config.resolve(f"{path}.type" if isinstance(spec, dict) else path, name, lookup)
+    if inspect.isclass(obj):
+        return config.construct(path, name, args, lookup)
+    return (lambda output, target: obj(output, target, **args)) if args else obj
+
+
 def loss_and_metrics(config: Config) -> tuple[Callable, dict[str, Callable]]:
-    criterion = config.resolve("loss", config["loss"], module_loss)
-    metrics = {metric_name(name): config.resolve("metrics", name, module_metric) for name in config["metrics"]}
+    criterion = build_callable(config, "loss", config["loss"], lookups()["loss"])
+    metrics = {metric_name(spec): build_callable(config, f"metrics[{index}]", spec, module_metric)
+               for index, spec in enumerate(config["metrics"])}
     return criterion, metrics
+
+
+def build_loader(config: Config, key: str, **forced: Any) -> DataLoader:
+    """A DataLoader from a data section: a DataLoader type is built with its args; a Dataset type with its own
+    args, wrapped in a BaseDataLoader with the rest (batch_size, shuffle, validation_split, ...)."""
+    node = config[key]
+    obj = config.resolve(f"{key}.type", node["type"], module_data)
+    args = {**(node.get("args") or {}), **{k: v for k, v in forced.items() if accepts(obj, k)}}
+    for name in COMPOSED_TRANSFORM_ARGS:  # torchvision datasets' arguments; a `transforms` list is the loader's own
+        if isinstance(args.get(name), list):
+            args[name] = torchvision.transforms.Compose([
+                config.construct(f"{key}.args.{name}[{i}]", item["type"], item.get("args") or {}, lookups()["transforms"])
+                for i, item in enumerate(args[name])])
+    if inspect.isclass(obj) and issubclass(obj, Dataset) and not issubclass(obj, DataLoader):
+        dataset_args, loader_args = split_loader_args(args)
+        dataset = config.construct(key, node["type"], dataset_args, module_data)
+        return BaseDataLoader(dataset, **{"seed": config["seed"], **loader_args})
+    loader = config.construct(key, node["type"], args, module_data)
+    if not isinstance(loader, DataLoader):
+        raise ConfigError(f"{config.source}: {key}.type: {node['type']} returned {type(loader).__name__}, "
+                          "not a DataLoader")
+    return loader
+
+
+def accepts(obj: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    if inspect.isclass(obj) and issubclass(obj, Dataset) and not issubclass(obj, DataLoader):
+        parameters = {**parameters, **inspect.signature(BaseDataLoader).parameters}
+    return name in parameters
+
+
+def validation_loader(config: Config, train_loader: DataLoader) -> DataLoader | None:
+    """The valid_data_loader section, else the training loader's split_validation(), else None."""
+    if config["valid_data_loader"]:
+        return build_loader(config, "valid_data_loader", shuffle=False, validation_split=0.0)
+    split = getattr(train_loader, "split_validation", None)
+    return split() if callable(split) else None
+
+
+def steps_per_epoch(config: Config, loader: DataLoader) -> int:
+    if config.trainer["len_epoch"]:
+        return config.trainer["len_epoch"]
+    try:
+        return len(loader)
+    except TypeError:
+        raise ConfigError(f"{config.source}: trainer.len_epoch: the training loader has no length (an "
+                          "IterableDataset?); set len_epoch to the batches per epoch") from None
+
+
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    """The LR scheduler; a per-batch schedule's length is checked against the run's before anything is written."""
+    node = config["lr_scheduler"]
+    name = node["type"].split(".")[-1]
+    if name == PLATEAU:
+        node["monitor"] = scheduler_monitor(config.data, lookups())[1]
+    if name in PER_BATCH_SCHEDULERS and config.trainer["lr_step"] == "epoch":
+        logger.warning("%s is a per-batch schedule but trainer.lr_step is epoch: it will step %d times, once per "
+                       "epoch; set trainer.lr_step: batch to step it every batch", name, config.trainer["epochs"])
+    if name == "OneCycleLR":
+        _check_one_cycle(config, steps)
+    return config.build("lr_scheduler", optimizer, lookup=torch.optim.lr_scheduler)
+
+
+def _check_one_cycle(config: Config, steps: int) -> None:
+    args = config["lr_scheduler"].setdefault("args", {})
+    per_batch = config.trainer["lr_step"] == "batch"
+    run_steps = config.trainer["epochs"] * (steps if per_batch else 1)
+    length = f"{config.trainer['epochs']} epochs" + (f" x {steps} batches" if per_batch else "")
+    if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
+        args.update(total_steps=run_steps)
+        args.pop("epochs", None), args.pop("steps_per_epoch", None)
+        return
+    given = args.get("total_steps") or args.get("epochs", 0) * (args.get("steps_per_epoch") or 1)
+    if given != run_steps:
+        key = "total_steps" if "total_steps" in args else "epochs"
+        raise ConfigError(f"{config.source}: lr_scheduler.args.{key}: OneCycleLR would run {given} steps but this "
+                          f"run takes {run_steps} ({length}); set total_steps: auto")
 
 
 def _init_from(model: nn.Module, spec: dict) -> dict[str, int]:
@@ -55,7 +153,8 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     seed_everything(config["seed"])
     set_determinism(config.trainer["deterministic"])
     device, device_ids = prepare_device(config["n_gpu"])
-    train_loader = config.build("data_loader", lookup=module_data)
+    train_loader = build_loader(config, "data_loader")
+    valid_loader = validation_loader(config, train_loader)
     model = build_model(config)
     init_from = config["arch"].get("init_from")
     init_counts = _init_from(model, init_from) if init_from and config.checkpoint is None else None
@@ -63,19 +162,26 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     if len(device_ids) > 1:
         model = nn.DataParallel(model, device_ids=device_ids)
     criterion, metrics = loss_and_metrics(config)
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(device)
     optimizer = config.build("optimizer", [p for p in model.parameters() if p.requires_grad], lookup=torch.optim)
     scheduler = None
     if config["lr_scheduler"]:
-        scheduler = config.build("lr_scheduler", optimizer, lookup=torch.optim.lr_scheduler)
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch(config, train_loader))
     trainer = Trainer(model, criterion, metrics, optimizer, config.trainer, device, train_loader,
-                      train_loader.split_validation(), scheduler, config.run_dir, config.log_dir, config.data)
+                      valid_loader, scheduler, config.run_dir, config.log_dir, config.data)
     if config.checkpoint is not None:
         _restore(trainer, config)
     return trainer, init_counts
 
 
 def _restore(trainer: Trainer, config: Config) -> None:
-    """Resume; when fine-tuning with another optimizer or scheduler type, start that one fresh."""
+    """Resume; when fine-tuning with another optimizer or scheduler type, start that one fresh, and apply
+    hyperparameters the user changed over the checkpoint's."""
+    if config.checkpoint.get("legacy"):
+        raise ConfigError(f"{config.checkpoint_path}: a pytorch-template checkpoint holds weights but no training "
+                          f"state to resume; start a run from its weights with arch.init_from.path="
+                          f"{config.checkpoint_path}")
     previous = config.checkpoint.get("config") or {}
     same = {key: (previous.get(key) or {}).get("type") == (config[key] or {}).get("type")
             for key in ("optimizer", "lr_scheduler")}
@@ -83,6 +189,19 @@ def _restore(trainer: Trainer, config: Config) -> None:
         if not kept:
             logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
     trainer.restore(config.checkpoint, config.checkpoint_path, same["optimizer"], same["lr_scheduler"])
+    for key in ("optimizer", "lr_scheduler"):
+        if same[key]:
+            for name, old, new in changed_args(previous, config, key):
+                logger.info("Fine-tuning: %s.args.%s is %r in the checkpoint, %r now: using %r", key, name, old, new,
+                            new)
+                trainer.apply_hyperparameter(key, name, new)
+
+
+def changed_args(previous: dict, config: Config, key: str) -> list[tuple[str, Any, Any]]:
+    """(name, checkpoint's value, config's value) for each arg of `key` the user set to a new value."""
+    old_args = (previous.get(key) or {}).get("args") or {}
+    given = ((config.user_data.get(key) or {}).get("args") or {})
+    return [(name, old_args.get(name), value) for name, value in given.items() if old_args.get(name) != value]
 
 
 def _prepare_run_directory(config: Config) -> None:
@@ -92,10 +211,26 @@ def _prepare_run_directory(config: Config) -> None:
     setup_logging(config.log_dir, config.trainer["verbosity"])
 
 
+def _log_start(config: Config, trainer: Trainer, init_counts: dict[str, int] | None) -> None:
+    for notice in config.notices:
+        logger.warning("%s", notice)
+    logger.info("%s\nRun directory: %s", trainer.unwrapped_model, config.run_dir)
+    if not trainer.batches.exact:
+        logger.info("data_loader %s is not a BaseDataLoader: resuming inside an epoch re-reads the batches "
+                    "already trained on, and is exact when its order and worker seeds come from torch's global "
+                    "RNG (a DataLoader without persistent_workers)", config["data_loader"]["type"])
+    if init_counts is not None:
+        logger.info("init_from %s: %s", config["arch"]["init_from"]["path"], init_counts)
+    if config.checkpoint is not None:
+        logger.info("Resuming from %s: epoch %d, batch %d", config.checkpoint_path, trainer.completed_epochs + 1,
+                    trainer.batches_in_epoch)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 training failed, 2 bad input (nothing written), 128+N stopped by signal N."""
+    """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
+    128+N stopped by signal N."""
     try:
-        config = parse_args(argv, lookups(), "Train a model from a YAML or JSON config.")
+        config = parse_args(argv, lookups(), "Train a model from a YAML or JSON config.", PROJECT_OPTIONS)
         if config.print_only:
             print(yaml.safe_dump(config.data, sort_keys=False), end="")
             return 0
@@ -103,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["CUDA_VISIBLE_DEVICES"] = config.device_ids
         trainer, init_counts = build_trainer(config)
         _prepare_run_directory(config)
-        logger.info("%s\nRun directory: %s", trainer.unwrapped_model, config.run_dir)
-        if init_counts is not None:
-            logger.info("init_from %s: %s", config["arch"]["init_from"]["path"], init_counts)
-        if config.checkpoint is not None:
-            logger.info("Resuming from %s: epoch %d, batch %d", config.checkpoint_path, trainer.completed_epochs + 1,
-                        trainer.batches_in_epoch)
+        _log_start(config, trainer, init_counts)
         trainer.fit()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -119,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         logger.warning("%s", stop)
         return stop.exit_status
+    except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
+        print(user_code.describe(error), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
 """BaseDataLoader: seeded validation split and a data order that can be resumed at any batch."""
+import inspect
 from typing import Any, Callable, Iterator
 
 import torch
@@ -79,20 +80,49 @@ class BaseDataLoader(DataLoader):
         return DataLoader(self.dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
 
 
-class BatchStream:
-    """Batches from successive passes over a BaseDataLoader. Its state, the pass and the batches consumed
-    in it, is all a checkpoint needs to continue the data order at the next batch."""
+def split_loader_args(args: dict) -> tuple[dict, dict]:
+    """(dataset args, loader args) of a data section whose `type` is a Dataset: BaseDataLoader's own
+    parameters go to the loader that wraps it, the rest to the dataset."""
+    loader_keys = set(inspect.signature(BaseDataLoader).parameters) - {"dataset"}
+    return ({k: v for k, v in args.items() if k not in loader_keys}, {k: v for k, v in args.items() if k in loader_keys})
 
-    def __init__(self, loader: BaseDataLoader):
+
+class BatchStream:
+    """Batches from successive passes over a loader. Its state, the pass and the batches consumed in it, is
+    all a checkpoint needs to continue a BaseDataLoader's order at the next batch, without loading the
+    batches already trained on. Any other DataLoader is resumed inside a pass by re-creating the pass from
+    the global RNG state it started with and re-reading the consumed batches: exact when the loader draws
+    its order and worker seeds from that RNG (a plain DataLoader, shuffle or not, without persistent
+    workers)."""
+
+    def __init__(self, loader: DataLoader):
         self.loader = loader
+        self.exact = isinstance(loader, BaseDataLoader)
         self.pass_index, self.batches_done = 0, 0
+        self._pass_rng: torch.Tensor | None = None
         self._iterator: Iterator | None = None
+
+    def _start_pass(self) -> None:
+        if self.exact:
+            self.loader.set_epoch(self.pass_index, self.batches_done)
+            self._iterator = iter(self.loader)
+            return
+        if self.batches_done == 0:
+            self._pass_rng = torch.get_rng_state()
+            self._iterator = iter(self.loader)
+            return
+        resumed_rng = torch.get_rng_state()
+        if self._pass_rng is not None:
+            torch.set_rng_state(self._pass_rng)
+        self._iterator = iter(self.loader)
+        for _ in range(self.batches_done):
+            next(self._iterator)
+        torch.set_rng_state(resumed_rng)
 
     def __next__(self) -> Any:
         while True:
             if self._iterator is None:
-                self.loader.set_epoch(self.pass_index, self.batches_done)
-                self._iterator = iter(self.loader)
+                self._start_pass()
             try:
                 batch = next(self._iterator)
             except StopIteration:
@@ -104,8 +134,10 @@ class BatchStream:
             return batch
 
     def state_dict(self) -> dict:
-        return {"pass": self.pass_index, "batches_done": self.batches_done}
+        state = {"pass": self.pass_index, "batches_done": self.batches_done}
+        return state if self.exact else {**state, "pass_rng": self._pass_rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.pass_index, self.batches_done = state["pass"], state["batches_done"]
+        self._pass_rng = state.get("pass_rng")
         self._iterator = None

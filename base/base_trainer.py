@@ -1,4 +1,5 @@
 """BaseTrainer: the mechanics around the per-batch loop that users don't need to edit."""
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -6,16 +7,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from logger import TensorboardWriter
 from utils.checkpoint import FORMAT_VERSION, load_model_state
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
-from utils.metrics import MetricTracker
+from utils.metrics import EpochMetrics, is_stateful
 from utils.seeding import rng_state, set_rng_state
 from utils.signals import StopRequest
 
-from .base_data_loader import BaseDataLoader, BatchStream
+from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer
 from .monitor import Monitor
 
@@ -28,7 +30,7 @@ class BaseTrainer:
 
     def __init__(self, model: nn.Module, criterion: Callable, metric_ftns: dict[str, Callable],
                  optimizer: torch.optim.Optimizer, options: dict[str, Any], device: torch.device,
-                 data_loader: BaseDataLoader, valid_data_loader: Any = None, lr_scheduler: Any = None,
+                 data_loader: DataLoader, valid_data_loader: Any = None, lr_scheduler: Any = None,
                  run_dir: Path = Path("."), log_dir: Path = Path("."), config: dict | None = None):
         self.model, self.criterion, self.metric_ftns = model, criterion, metric_ftns
         self.optimizer, self.lr_scheduler, self.device = optimizer, lr_scheduler, device
@@ -40,8 +42,9 @@ class BaseTrainer:
         self.monitor = Monitor(options["monitor"], options["early_stop"])
         self.checkpointer = Checkpointer(run_dir, options["save_period"], options["keep_last"],
                                          options["save_every_steps"])
-        self.train_metrics = MetricTracker("loss", *metric_ftns)
-        self.valid_metrics = MetricTracker("loss", *metric_ftns)
+        self.train_metrics = EpochMetrics(metric_ftns, device)
+        self.valid_metrics = EpochMetrics({name: copy.deepcopy(metric) if is_stateful(metric) else metric
+                                           for name, metric in metric_ftns.items()}, device)
         self.stop_request = StopRequest()
         self.global_step, self.skipped_steps = 0, 0
         self.completed_epochs, self.batches_in_epoch = 0, 0  # where training stands: what a resume restores
@@ -79,6 +82,7 @@ class BaseTrainer:
                         logger.info("%s did not improve for %d epochs: stopping early.",
                                     self.monitor.metric, self.monitor.early_stop)
                         break
+            self.checkpointer.save_last(self.state())  # the final state, whatever save_period
         finally:
             self.writer.close()
 
@@ -90,7 +94,7 @@ class BaseTrainer:
         if self.lr_scheduler is None or self.options["lr_step"] != "epoch":
             return
         if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.lr_scheduler.step(log[self.monitor.metric or ("val_loss" if "val_loss" in log else "loss")])
+            self.lr_scheduler.step(log[self.config["lr_scheduler"]["monitor"]])
         else:
             self.lr_scheduler.step()
 
@@ -188,6 +192,21 @@ class BaseTrainer:
             "rng": rng_state(),
             "config": self.config,
         }
+
+    def apply_hyperparameter(self, section: str, name: str, value: Any) -> None:
+        """Fine-tuning: a hyperparameter the config changed wins over the one restored from the checkpoint."""
+        if section == "optimizer" and all(name in group for group in self.optimizer.param_groups):
+            for group in self.optimizer.param_groups:
+                group[name] = value
+                if name == "lr" and "initial_lr" in group:  # what a scheduler scales from
+                    group["initial_lr"] = value
+            if name == "lr" and hasattr(self.lr_scheduler, "base_lrs"):
+                self.lr_scheduler.base_lrs = [value] * len(self.optimizer.param_groups)
+        elif section == "lr_scheduler" and hasattr(self.lr_scheduler, name):
+            setattr(self.lr_scheduler, name, value)
+        else:
+            logger.warning("Fine-tuning: %s.args.%s cannot be changed on a restored %s; it keeps the checkpoint's "
+                           "value", section, name, section)
 
     def restore(self, checkpoint: dict, source: Path, keep_optimizer: bool = True, keep_scheduler: bool = True) -> None:
         """Continue where `checkpoint` stopped. Call it last before fit(): it sets the global RNGs."""

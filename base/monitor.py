@@ -5,8 +5,9 @@ from utils.errors import TrainingError
 
 
 def parse_monitor(text: object) -> tuple[str, str] | None:
-    """`off` -> None; `min val_loss` -> ('min', 'val_loss'); anything else raises ValueError."""
-    if text == "off":
+    """`off` -> None; `min val_loss` -> ('min', 'val_loss'); anything else raises ValueError. YAML 1.1 reads
+    an unquoted `off` as false, which means the same."""
+    if text == "off" or text is False:
         return None
     parts = text.split() if isinstance(text, str) else []
     if len(parts) != 2 or parts[0] not in ("min", "max"):

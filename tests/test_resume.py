@@ -2,6 +2,7 @@
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,24 +14,35 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 import utils.checkpoint
+from base.checkpointer import Checkpointer
 from conftest import ROOT, assert_same_training_state, load, run_dir, tiny_config, write_config
 from parse_config import newest_checkpoint
 from utils.checkpoint import load_checkpoint
 
 # TINY: 256 training samples in batches of 32 -> 8 steps per epoch; 3 epochs -> 24 steps.
-MID_EPOCH_2_STEP = 13  # saving every 13 steps leaves checkpoint-last.pth at epoch 2, batch 5
+MID_EPOCH_2_STEP = 13  # saving every 13 steps writes checkpoint-last.pth at epoch 2, batch 5
+MID = "checkpoint-step13.pth"  # a copy of it: the run's end overwrites checkpoint-last.pth with its final state
 
 
 def _reference(tmp_path, workers, **trainer):
     config = tiny_config(tmp_path, epochs=3, save_every_steps=MID_EPOCH_2_STEP, **trainer)
     config["data_loader"]["args"]["num_workers"] = workers
     path = write_config(tmp_path, config, "reference.yaml")
-    assert train.main(["-c", str(path), "--run-id", "reference"]) == 0
+    save_step = Checkpointer.maybe_save_step
+
+    def save_and_keep_a_copy(self, make_state, global_step):
+        save_step(self, make_state, global_step)
+        if global_step == MID_EPOCH_2_STEP:
+            shutil.copy(self.run_dir / "checkpoint-last.pth", self.run_dir / MID)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpointer, "maybe_save_step", save_and_keep_a_copy)
+        assert train.main(["-c", str(path), "--run-id", "reference"]) == 0
     return run_dir(tmp_path, "reference")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("stop_at", ["checkpoint-epoch1.pth", "checkpoint-last.pth"], ids=["epoch-1", "mid-epoch-2"])
+@pytest.mark.parametrize("stop_at", ["checkpoint-epoch1.pth", MID], ids=["epoch-1", "mid-epoch-2"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, stop_at, workers):
     reference = _reference(tmp_path, workers)
     stopped = load(reference / stop_at)
@@ -42,16 +54,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, stop_at, work
 
 def test_mid_epoch_resume_with_iteration_based_epochs(tmp_path):
     reference = _reference(tmp_path, 0, len_epoch=5)  # epochs of 5 steps cut across the 8-batch passes
-    stopped = load(reference / "checkpoint-last.pth")
+    stopped = load(reference / MID)
     assert (stopped["epoch"], stopped["batches_in_epoch"], stopped["data_order"]) == (2, 3, {"pass": 1,
                                                                                               "batches_done": 5})
-    assert train.main(["-r", str(reference / "checkpoint-last.pth"), "--run-id", "resumed"]) == 0
+    assert train.main(["-r", str(reference / MID), "--run-id", "resumed"]) == 0
     assert_same_training_state(load(reference / "checkpoint-epoch3.pth"),
                                load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"))
 
 
 def test_mid_epoch_checkpoint_holds_partial_epoch_metrics_and_data_order(tmp_path):
-    checkpoint = load(_reference(tmp_path, 0) / "checkpoint-last.pth")
+    checkpoint = load(_reference(tmp_path, 0) / MID)
     assert checkpoint["data_order"] == {"pass": 1, "batches_done": 5}
     assert checkpoint["metrics"]["counts"] == {"loss": 160, "accuracy": 160}
     assert checkpoint["global_step"] == 13 and set(checkpoint["rng"]) == {"python", "numpy", "torch", "cuda"}
@@ -64,7 +76,7 @@ def test_resumed_tensorboard_curve_has_no_gap_or_overlap(tmp_path):
     before.Reload()
     expected = [(e.step, e.value) for e in before.Scalars("train/loss")]
     # As after a kill at step 13 (the run had logged to step 24): resume into the same run directory.
-    assert train.main(["-r", str(reference / "checkpoint-last.pth")]) == 0
+    assert train.main(["-r", str(reference / MID)]) == 0
     after = EventAccumulator(str(log_dir))
     after.Reload()
     assert [(e.step, e.value) for e in after.Scalars("train/loss")] == expected

@@ -75,7 +75,11 @@ def test_checkpoint_config_cannot_load_a_python_file(tmp_path, checkpoint, capsy
     evil = _poisoned(checkpoint, tmp_path, arch={"type": f"{tmp_path}/evil.py:Net", "args": {}})
     before = files_under(tmp_path)
     assert entry(["-r", str(evil)]) == 2
-    expected = f"'{tmp_path}/evil.py:Net' is a Python file named by a checkpoint's config: {HINT}"
+    name = f"{tmp_path}/evil.py:Net"
+    expected = (f"'{name}' is a Python file named by a checkpoint's config: refused, a downloaded checkpoint is data, "
+                "not code. If you trust that file, name it yourself: pass the same type on the command line "
+                f"(e.g. arch.type={name}) or in a -c config, or pass --trust-checkpoint-config (only for "
+                "checkpoints you made yourself)")
     assert capsys.readouterr().err == f"error: {evil}: arch.type: {expected}\n"
     assert not (tmp_path / MARKER).exists() and files_under(tmp_path) == before
 

@@ -104,7 +104,7 @@ def test_iteration_based_epochs(tmp_path):
 def test_early_stop_and_keep_last(tmp_path):
     run = train_run(tmp_path, "keep", tiny_config(tmp_path, epochs=4, keep_last=2))
     assert sorted(p.name for p in run.glob("*.pth")) == ["checkpoint-epoch3.pth", "checkpoint-epoch4.pth",
-                                                         "model_best.pth"]
+                                                         "checkpoint-last.pth", "model_best.pth"]
     stopped = train_run(tmp_path, "early", tiny_config(tmp_path, epochs=6, monitor="max loss", early_stop=1))
     assert max(int(p.stem.split("epoch")[1]) for p in stopped.glob("checkpoint-epoch*.pth")) == 2
 

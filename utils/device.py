@@ -1,6 +1,7 @@
 """Device choice and the DataLoader settings that depend on it."""
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -15,6 +16,17 @@ def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
                        n_gpu, available, f"{available} GPU(s)" if available else "the CPU")
         n_gpu = available
     return torch.device("cuda:0" if n_gpu > 0 else "cpu"), list(range(n_gpu))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor, or the tensors inside lists, tuples and dicts, on `device` (other values unchanged)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
 
 
 def available_cpus() -> int:

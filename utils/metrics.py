@@ -1,37 +1,113 @@
 """Running means of losses and metrics, kept on the device so that training never waits on the host."""
+import logging
+from typing import Any, Callable
+
 import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class MetricTracker:
-    """Sums stay tensors on the device; `result()` is the single host sync per read."""
+    """Sample-weighted means. Tensor values are summed on the device and `result()` is the single host sync per
+    read; Python numbers (pytorch-template's metrics return them) are summed on the host. Also keeps
+    pytorch-template's interface: `MetricTracker(*keys, writer=None)`, `update`, `avg`, `result`."""
 
-    def __init__(self, *keys: str):
+    def __init__(self, *keys: str, writer: Any = None):
         self.keys = list(keys)
+        self.writer = writer
         self.reset()
 
     def reset(self) -> None:
-        self._sums: dict[str, torch.Tensor | None] = dict.fromkeys(self.keys)
+        self._sums: dict[str, torch.Tensor | float | None] = dict.fromkeys(self.keys)
         self._counts = dict.fromkeys(self.keys, 0)
 
-    def update(self, key: str, value: torch.Tensor, n: int = 1) -> None:
-        weighted = value.detach().float() * n
+    def update(self, key: str, value: torch.Tensor | float, n: int = 1) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(key, value)
+        weighted = value.detach().float() * n if isinstance(value, torch.Tensor) else float(value) * n
         total = self._sums[key]
         self._sums[key] = weighted if total is None else total + weighted
         self._counts[key] += n
 
     def result(self) -> dict[str, float]:
         seen = [key for key in self.keys if self._counts[key]]
-        if not seen:
-            return {}
-        means = torch.stack([self._sums[key] / self._counts[key] for key in seen]).tolist()
-        return dict(zip(seen, means))
+        on_device = [key for key in seen if isinstance(self._sums[key], torch.Tensor)]
+        means = {}
+        if on_device:
+            means = dict(zip(on_device, torch.stack([self._sums[k] / self._counts[k] for k in on_device]).tolist()))
+        return {key: means[key] if key in means else self._sums[key] / self._counts[key] for key in seen}
+
+    def avg(self, key: str) -> float:
+        return self.result()[key]
 
     def state_dict(self) -> dict:
-        sums = {key: total.cpu() for key, total in self._sums.items() if total is not None}
+        sums = {key: total.cpu() if isinstance(total, torch.Tensor) else total
+                for key, total in self._sums.items() if total is not None}
         return {"sums": sums, "counts": dict(self._counts)}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.reset()
         for key, total in state["sums"].items():
-            self._sums[key] = total.to(device)
+            self._sums[key] = total.to(device) if isinstance(total, torch.Tensor) else total
         self._counts.update(state["counts"])
+
+
+def is_stateful(metric: Any) -> bool:
+    """A metric object with the torchmetrics protocol: update(output, target), compute(), reset()."""
+    return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
+
+
+class EpochMetrics:
+    """One epoch's loss and metrics. A metric function is called per batch and averaged over samples; a
+    stateful metric (update/compute/reset, e.g. torchmetrics' F1Score) sees every batch and computes once,
+    so F1, AUROC or a confusion matrix are exact over the whole epoch. Both survive a mid-epoch resume."""
+
+    def __init__(self, metrics: dict[str, Callable], device: torch.device):
+        self.names = ["loss", *metrics]
+        self.stateful = {name: metric for name, metric in metrics.items() if is_stateful(metric)}
+        self.per_batch = {name: metric for name, metric in metrics.items() if name not in self.stateful}
+        self.tracker = MetricTracker("loss", *self.per_batch)
+        for metric in self.stateful.values():
+            if callable(getattr(metric, "persistent", None)):  # torchmetrics keeps its state out of state_dict()
+                metric.persistent(True)
+            if isinstance(metric, nn.Module):
+                metric.to(device)
+
+    def reset(self) -> None:
+        self.tracker.reset()
+        for metric in self.stateful.values():
+            metric.reset()
+
+    def update(self, loss: torch.Tensor, output: Any, target: torch.Tensor) -> None:
+        """Add one batch, weighted by its size, without reading anything back."""
+        n = len(target)
+        self.tracker.update("loss", loss, n)
+        for name, metric in self.per_batch.items():
+            self.tracker.update(name, metric(output, target), n)
+        for metric in self.stateful.values():
+            metric.update(output, target)
+
+    def result(self) -> dict[str, float]:
+        values = self.tracker.result()
+        if values:
+            values.update({name: _as_float(metric.compute()) for name, metric in self.stateful.items()})
+        return {name: values[name] for name in self.names if name in values}
+
+    def state_dict(self) -> dict:
+        stateful = {name: metric.state_dict() for name, metric in self.stateful.items()
+                    if callable(getattr(metric, "state_dict", None))}
+        return {**self.tracker.state_dict(), "stateful": stateful}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.reset()
+        self.tracker.load_state_dict(state, device)
+        for name, metric in self.stateful.items():
+            if name in state.get("stateful", {}) and callable(getattr(metric, "load_state_dict", None)):
+                metric.load_state_dict(state["stateful"][name])
+            else:
+                logger.warning("metric %s has no state_dict(): it restarts its count at the resumed batch", name)
+
+
+def _as_float(value: Any) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)

@@ -7,9 +7,12 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Union
+
+Lookup = Union[ModuleType, tuple[ModuleType, ...], None]  # where short names are found, first match wins
 
 from .errors import ConfigError
 
@@ -18,12 +21,15 @@ PROJECT_PACKAGES = ("model", "data_loader", "trainer", "base", "utils", "logger"
 DENIED_MODULES = ("torch.hub", "torch.serialization", "torch.jit", "torch.package", "torch.utils.cpp_extension",
                   "torch.distributed", "torch.multiprocessing", "torch.onnx", "torch.export", "torch.compiler",
                   "torch.utils.data.datapipes", "torchvision.io", "torchvision.datasets.utils")
+_LOADER_BASES = ("torch.utils.data.DataLoader", "torch.utils.data.Dataset")
 UNTRUSTED_CLASS_BASES = {  # what a class named by a checkpoint's config must be, per section
     "arch": ("torch.nn.Module",),
-    "data_loader": ("torch.utils.data.DataLoader",),
+    "data_loader": _LOADER_BASES, "valid_data_loader": _LOADER_BASES, "test_data_loader": _LOADER_BASES,
+    "loss": ("torch.nn.Module",),
     "optimizer": ("torch.optim.Optimizer",),
     "lr_scheduler": ("torch.optim.lr_scheduler.LRScheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"),
 }
+USER_PACKAGES = ("model", "data_loader", "trainer")
 UNTRUSTED_FUNCTION_MODULES = ("model", "torchvision.models", "torch.nn.functional", "torchvision.transforms")
 
 
@@ -43,7 +49,7 @@ def _in_modules(module_name: str, prefixes: Any) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
 
 
-def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, allowed: tuple[str, ...] = (),
+def resolve_type(name: str, lookup: Lookup, trusted: bool = True, allowed: tuple[str, ...] = (),
                  section: str = "") -> Any:
     """The class or function `name` refers to. An untrusted name (from a checkpoint) may only reach public
     classes and functions of the project, torch, torchvision and `allowed`, never the file route, and
@@ -52,13 +58,14 @@ def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, all
         raise ConfigError(f"must be a class or function name, not {name!r}")
     if ".py:" in name:
         if not trusted:
-            raise _refusal(f"'{name}' is a Python file named by a checkpoint's config")
+            raise ConfigError(
+                f"'{name}' is a Python file named by a checkpoint's config: refused, a downloaded checkpoint is data, "
+                "not code. If you trust that file, name it yourself: pass the same type on the command line "
+                f"(e.g. arch.type={name}) or in a -c config, or pass --trust-checkpoint-config (only for "
+                "checkpoints you made yourself)")
         obj = _from_file(name)
     elif "." not in name and lookup is not None:
-        if not hasattr(lookup, name) or name.startswith("_"):
-            public = [n for n in dir(lookup) if not n.startswith("_")]
-            raise ConfigError(f"unknown type '{name}' in {lookup.__name__}{close_match(name, public)}")
-        obj = getattr(lookup, name)
+        obj = _from_lookup(name, lookup if isinstance(lookup, tuple) else (lookup,))
     else:
         if not trusted and not _in_modules(name, PROJECT_PACKAGES + ("torch", "torchvision") + allowed):
             raise _refusal(f"'{name}' is outside the project, torch, torchvision and `imports:`")
@@ -73,10 +80,22 @@ def resolve_type(name: str, lookup: ModuleType | None, trusted: bool = True, all
     return obj
 
 
+def _from_lookup(name: str, modules: tuple[ModuleType, ...]) -> Any:
+    found = [getattr(module, name) for module in modules if hasattr(module, name)]
+    if not found or name.startswith("_"):
+        public = [n for module in modules for n in dir(module) if not n.startswith("_")]
+        where = " or ".join(module.__name__ for module in modules)
+        raise ConfigError(f"unknown type '{name}' in {where}{close_match(name, public)}")
+    return found[0]
+
+
 def _from_file(name: str) -> Any:
     path, _, attribute = name.rpartition(":")
     if not Path(path).is_file():
         raise ConfigError(f"no such file '{path}' (from type '{name}')")
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:  # so that the file can import the modules beside it, as when run as a script
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -119,7 +138,7 @@ def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str
         raise _refusal(refused)
     if _in_modules(module_name, DENIED_MODULES):
         raise _refusal(refused)
-    if _in_modules(module_name, allowed):
+    if _in_modules(module_name, USER_PACKAGES + allowed):  # code already on this disk, of the user's choosing
         return
     if inspect.isclass(obj) and section == "transform":
         if not _in_modules(module_name, ("torchvision.transforms",)):

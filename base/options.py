@@ -1,0 +1,161 @@
+"""The option table: every framework-owned config key with its check, default and doc, in one place.
+
+It drives validation, the defaults written into config.yaml, and `train.py --help`. A project declares
+its own keys in the same form in `trainer/options.py`.
+"""
+from typing import Any, Callable, NamedTuple
+
+from .base_model import INIT_SCHEMES
+from .monitor import parse_monitor
+
+REQUIRED = object()
+
+
+class Option(NamedTuple):
+    """check(value) returns what is wrong with a value, or None."""
+
+    check: Callable[[Any], str | None]
+    default: Any
+    doc: str
+
+
+def integer(minimum: int) -> Callable[[Any], str | None]:
+    """An int (not a bool) of at least `minimum`."""
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"must be an integer >= {minimum}, not {value!r}"
+        return None
+
+    return check
+
+
+def number(minimum: float = float("-inf")) -> Callable[[Any], str | None]:
+    """An int or float (not a bool) of at least `minimum`."""
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            return f"must be a number >= {minimum}, not {value!r}"
+        return None
+
+    return check
+
+
+def choice(*choices: Any) -> Callable[[Any], str | None]:
+    """One of `choices`."""
+    return lambda value: None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
+
+
+def of_type(kind: type | tuple[type, ...], name: str) -> Callable[[Any], str | None]:
+    """An instance of `kind`, described to the user as `name`."""
+    return lambda value: None if isinstance(value, kind) else f"must be {name}, not {value!r}"
+
+
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """None, or what `check` accepts."""
+    return lambda value: None if value is None else check(value)
+
+
+def string_list(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return None
+    return f"must be a list of names, not {value!r}"
+
+
+def _monitor(value: Any) -> str | None:
+    try:
+        parse_monitor(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _callable_spec(value: Any) -> str | None:
+    if isinstance(value, str) or (isinstance(value, dict) and "type" in value):
+        return None
+    return f"must be a function or class name, or a mapping with 'type' and optional 'args', not {value!r}"
+
+
+def _callable_specs(value: Any) -> str | None:
+    if isinstance(value, list) and not any(_callable_spec(item) for item in value):
+        return None
+    return f"must be a list of names or of mappings with 'type' and optional 'args', not {value!r}"
+
+
+_boolean = of_type(bool, "true or false")
+_section = of_type(dict, "a mapping with 'type' and 'args'")
+TOP_LEVEL = {
+    "name": Option(of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"),
+    "n_gpu": Option(integer(0), 1, "GPUs to use; fewer are used (with a warning) when fewer exist"),
+    "seed": Option(integer(0), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"),
+    "imports": Option(string_list, [], "packages a checkpoint's config may name types from (see SECURITY)"),
+    "arch": Option(_section, REQUIRED, "the model: type, args, optional init and init_from"),
+    "data_loader": Option(_section, REQUIRED, "training data: a DataLoader or Dataset type, args"),
+    "valid_data_loader": Option(optional(_section), None, "validation data (else the loader's split_validation())"),
+    "test_data_loader": Option(optional(_section), None, "test.py's data (else data_loader with training=False)"),
+    "optimizer": Option(_section, REQUIRED, "type from torch.optim (or a dotted path), args"),
+    "loss": Option(_callable_spec, REQUIRED, "name in model/loss.py or torch.nn, a dotted path, or {type, args}"),
+    "metrics": Option(_callable_specs, [], "names in model/metric.py or {type, args, name}: logged as m and val_m"),
+    "lr_scheduler": Option(optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"),
+    "trainer": Option(of_type(dict, "a mapping"), {}, "the trainer options below"),
+}
+TRAINER = {
+    "epochs": Option(integer(1), 10, "number of epochs to train"),
+    "save_dir": Option(of_type(str, "a path"), "saved/", "root of models/<name>/<run_id> and log/<name>/<run_id>"),
+    "save_period": Option(integer(1), 1, "write checkpoint-epoch<N>.pth every N epochs"),
+    "keep_last": Option(integer(0), 0, "keep only the newest K epoch checkpoints (0 keeps all)"),
+    "save_every_steps": Option(integer(0), 0, "write checkpoint-last.pth every N optimizer steps (0: off)"),
+    "verbosity": Option(choice(0, 1, 2), 2, "0 warnings, 1 info, 2 debug (the project's loggers only)"),
+    "monitor": Option(_monitor, "off", "'min val_loss', 'max val_accuracy' or 'off': picks model_best.pth"),
+    "early_stop": Option(integer(0), 0, "stop after N epochs without improvement (0: never)"),
+    "tensorboard": Option(_boolean, True, "write TensorBoard event files to the log dir"),
+    "tensorboard_images": Option(_boolean, False, "log an input image grid per epoch"),
+    "tensorboard_histograms": Option(_boolean, False, "log parameter histograms per epoch"),
+    "log_step": Option(integer(1), 10, "log the training loss and LR every N batches"),
+    "len_epoch": Option(optional(integer(1)), None, "batches per epoch (iteration-based training); null: one pass"),
+    "lr_step": Option(choice("epoch", "batch"), "epoch", "step the LR scheduler per epoch or per batch"),
+    "deterministic": Option(_boolean, False, "deterministic algorithms, cudnn.benchmark off"),
+    "progress_bar": Option(_boolean, True, "tqdm bars (also off when stderr is not a terminal)"),
+    "on_nonfinite": Option(choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"),
+}
+LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
+SECTION_KEYS = {"arch": ("type", "args", "init", "init_from"), "optimizer": ("type", "args"),
+                "lr_scheduler": ("type", "args", "monitor"), **{key: ("type", "args") for key in LOADER_SECTIONS}}
+ARCH_EXTRAS = {
+    "init": Option(choice(*INIT_SCHEMES), None, "initialise Conv/Linear weights; BatchNorm to 1/0"),
+    "init_from": Option(of_type(dict, "a mapping"), None, "{path, strict: false, exclude: [regex]}: load weights"),
+}
+RUNTIME_ARGS = {"optimizer": 1, "lr_scheduler": 1}  # params / optimizer, passed by train.py
+METRIC_KEYS = ("type", "args", "name")
+
+# Names users bring from PyTorch Lightning and older pytorch-template configs -> torchkiln's key path.
+KNOWN_ALIASES = {
+    "max_epochs": "trainer.epochs", "devices": "n_gpu", "gpus": "n_gpu", "log_every_n_steps": "trainer.log_step", "default_root_dir": "trainer.save_dir",
+    "deterministic": "trainer.deterministic", "enable_progress_bar": "trainer.progress_bar",
+}
+
+
+def upgrade_legacy_schema(data: dict) -> list[str]:
+    """Map the 2018-2019 pytorch-template keys onto today's, in place; one notice per mapped key."""
+    notices = []
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else None
+
+    def moved(old: str, new: str) -> None:
+        notices.append(f"'{old}' is a pytorch-template key of 2018-2019: read as '{new}'; rename it to silence this")
+
+    for section, enabled_key in (("tensorboard", "enabled"), ("visualization", "tensorboardX")):
+        if isinstance(data.get(section), dict) and trainer is not None and enabled_key in data[section]:
+            trainer.setdefault("tensorboard", bool(data.pop(section)[enabled_key]))
+            moved(section, "trainer.tensorboard")
+    if trainer is None:
+        return notices
+    for old, new in (("tensorboardX", "tensorboard"), ("save_freq", "save_period"), ("verbose", "verbosity")):
+        if old in trainer:
+            trainer.setdefault(new, trainer.pop(old))
+            moved(f"trainer.{old}", f"trainer.{new}")
+    if "log_dir" in trainer:
+        trainer.pop("log_dir")
+        notices.append("'trainer.log_dir' is a pytorch-template key of 2018-2019: ignored, TensorBoard writes to "
+                       "save_dir/log/<name>/<run_id>; remove it to silence this")
+    if "monitor_mode" in trainer and isinstance(trainer.get("monitor"), str):
+        trainer["monitor"] = f"{trainer.pop('monitor_mode')} {trainer['monitor']}"
+        moved("trainer.monitor_mode", f"trainer.monitor: {trainer['monitor']}")
+    return notices

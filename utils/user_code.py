@@ -1,0 +1,57 @@
+"""Whose code raised: the user's (their file and line, exit 1) or a library's on the config's values (exit 2).
+
+The project's own model/, data_loader/, trainer/ and any file named by `file.py:Name` are the user's code;
+base/, utils/, logger/, the entry scripts and installed packages are not.
+"""
+import re
+import sysconfig
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_FRAMEWORK = tuple(str(ROOT / name) for name in ("base", "utils", "logger", "parse_config.py", "train.py", "test.py"))
+_LIBRARIES = tuple({str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "purelib", "platlib")})
+_WORKER_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+, in .*$')
+SHOWN_FRAMES = 6
+
+
+def is_user_file(filename: str) -> bool:
+    """A Python file that the user wrote: not the framework's, not an installed package's or Python's."""
+    path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+    return not (filename.startswith("<") or path.startswith(_FRAMEWORK) or path.startswith(_LIBRARIES))
+
+
+def user_frames(error: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of the traceback that lie in the user's code, outermost first."""
+    return [frame for frame in traceback.extract_tb(error.__traceback__) if is_user_file(frame.filename)]
+
+
+def raised_in_user_code(error: BaseException) -> bool:
+    """True when the user's code is on the stack, or a DataLoader worker's traceback passed through it."""
+    return bool(user_frames(error)) or bool(_worker_user_lines(str(error)))
+
+
+def _worker_user_lines(message: str) -> list[str]:
+    """A DataLoader worker's exception reaches the main process as text: its user frames, with their code."""
+    lines = message.splitlines()
+    kept = []
+    for index, line in enumerate(lines):
+        match = _WORKER_FRAME.match(line)
+        if match and is_user_file(match.group(1)):
+            kept += [line.rstrip()] + [lines[index + 1].rstrip()] if index + 1 < len(lines) else [line.rstrip()]
+    return kept
+
+
+def describe(error: BaseException) -> str:
+    """`error: Type: message` and the user's frames (a short traceback), or the whole traceback when the user's
+    code is not involved: then it is a bug of ours and every frame matters."""
+    frames = user_frames(error)
+    worker_lines = _worker_user_lines(str(error))
+    if not frames and not worker_lines:
+        return "".join(traceback.format_exception(error)).rstrip()
+    headline = str(error).splitlines()[0] if str(error).strip() else ""
+    last_line = str(error).strip().splitlines()[-1] if worker_lines else headline
+    shown = traceback.format_list(frames[-SHOWN_FRAMES:])
+    where = "".join(shown).rstrip().splitlines() + worker_lines[-2 * SHOWN_FRAMES:]
+    summary = f"{type(error).__name__}: {last_line}" if not worker_lines else f"{headline} {last_line}"
+    return "\n".join([f"error: {summary}", "in your code (most recent call last):", *where])
