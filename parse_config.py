@@ -134,6 +134,7 @@ class Config:
     print_only: bool = False
     notices: list[str] = field(default_factory=list)
     user_data: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -166,7 +167,8 @@ class Config:
     def is_trusted(self, key_path: str) -> bool:
         """Whether the user gave this key (or the list it is in, for `metrics[1].type`) rather than a checkpoint."""
         in_list = re.sub(r"\[\d+\].*$", "", key_path)
-        return self.trust_all or key_path in self.trusted_paths or (in_list != key_path and in_list in self.trusted_paths)
+        return (self.trust_all or key_path in self.trusted_paths
+                or (in_list != key_path and in_list in self.trusted_paths))
 
     def resolve(self, key_path: str, name: str, lookup: Lookup) -> Any:
         """Resolve a `type` found at key_path, with the trust its source deserves."""
@@ -192,9 +194,9 @@ class Config:
             if raised_in_user_code(error):
                 raise
             key = _blamed_argument(error, args)
-            raise ConfigError(f"{self.source}: {path}.args{'.' + key if key else ''}: {type_name} refused "
-                              f"its args: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-                              ) from None
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(_located(self.source, self.overrides, f"{path}.args{'.' + key if key else ''}",
+                                       f"{type_name} refused its args: {reason}")) from None
 
     def build(self, key: str, *runtime_args: Any, lookup: Lookup = None, **runtime_kwargs: Any) -> Any:
         """Instantiate section `key` from its `type` and `args`, plus what only the code can provide."""
@@ -227,8 +229,8 @@ def _blamed_argument(error: Exception, args: dict) -> str | None:
     """The one config arg a library's error message is about (by name or value), if it can be told."""
     message = str(error)
     by_name = [key for key in args if re.search(rf"\b{re.escape(key)}\b", message)]
-    by_value = [key for key, value in args.items() if isinstance(value, (int, float, str)) and not isinstance(value, bool)
-                and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
+    by_value = [key for key, value in args.items() if isinstance(value, (int, float, str))
+                and not isinstance(value, bool) and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)]
     candidates = by_name or by_value
     return candidates[0] if len(candidates) == 1 else None
 
@@ -343,7 +345,8 @@ def parse_args(argv: list[str] | None, lookups: dict[str, Lookup], description: 
     allowed = tuple(user_data.get("imports") or ()) if isinstance(user_data.get("imports"), list) else ()
     trust_all = args.trust_checkpoint_config or not args.resume
     config = Config(deep_merge(data, user_data), source, args.run_id or "", leaf_paths(user_data), trust_all,
-                    allowed, checkpoint, checkpoint_path, args.device, args.print_config, user_data=user_data)
+                    allowed, checkpoint, checkpoint_path, args.device, args.print_config, user_data=user_data,
+                    overrides=overrides)
     errors, notices = validate(config.data, lookups, config.is_trusted, allowed, project)
     if isinstance(config.data.get("name"), str) and _check_path_name(config.data["name"]):
         errors.append(("name", _check_path_name(config.data["name"])))

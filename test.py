@@ -13,7 +13,7 @@ from tqdm import tqdm
 from parse_config import Config, parse_args
 from train import accepts, build_loader, build_model, loss_and_metrics, lookups
 from trainer import evaluate
-from trainer.options import PROJECT_OPTIONS
+from trainer import options as project_options
 from utils import user_code
 from utils.checkpoint import load_model_state
 from utils.device import prepare_device
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints loss and metrics and writes them to <checkpoint>.test.json. Exit 2 on bad input, 1 when the test
     data yields nothing or the user's code raises."""
     try:
-        config = parse_args(argv, lookups(), "Evaluate a checkpoint on test data.", PROJECT_OPTIONS)
+        config = parse_args(argv, lookups(), "Evaluate a checkpoint on test data.", project_options.PROJECT_OPTIONS)
         if config.checkpoint is None:
             raise ConfigError("test.py evaluates a checkpoint: give it with -r CHECKPOINT")
         if config.print_only:

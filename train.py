@@ -22,7 +22,7 @@ from base.config_validation import PER_BATCH_SCHEDULERS, PLATEAU, callable_spec,
 from logger import setup_logging
 from parse_config import Config, parse_args
 from trainer import Trainer
-from trainer.options import PROJECT_OPTIONS
+from trainer import options as project_options
 from utils import user_code
 from utils.checkpoint import load_matching_weights, load_state_dict_file
 from utils.device import prepare_device
@@ -72,8 +72,8 @@ def build_loader(config: Config, key: str, **forced: Any) -> DataLoader:
     for name in COMPOSED_TRANSFORM_ARGS:  # torchvision datasets' arguments; a `transforms` list is the loader's own
         if isinstance(args.get(name), list):
             args[name] = torchvision.transforms.Compose([
-                config.construct(f"{key}.args.{name}[{i}]", item["type"], item.get("args") or {}, lookups()["transforms"])
-                for i, item in enumerate(args[name])])
+                config.construct(f"{key}.args.{name}[{index}]", item["type"], item.get("args") or {},
+                                 torchvision.transforms) for index, item in enumerate(args[name])])
     if inspect.isclass(obj) and issubclass(obj, Dataset) and not issubclass(obj, DataLoader):
         dataset_args, loader_args = split_loader_args(args)
         dataset = config.construct(key, node["type"], dataset_args, module_data)
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
     128+N stopped by signal N."""
     try:
-        config = parse_args(argv, lookups(), "Train a model from a YAML or JSON config.", PROJECT_OPTIONS)
+        config = parse_args(argv, lookups(), "Train a model from a YAML or JSON config.",
+                            project_options.PROJECT_OPTIONS)
         if config.print_only:
             print(yaml.safe_dump(config.data, sort_keys=False), end="")
             return 0

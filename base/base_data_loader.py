@@ -84,7 +84,8 @@ def split_loader_args(args: dict) -> tuple[dict, dict]:
     """(dataset args, loader args) of a data section whose `type` is a Dataset: BaseDataLoader's own
     parameters go to the loader that wraps it, the rest to the dataset."""
     loader_keys = set(inspect.signature(BaseDataLoader).parameters) - {"dataset"}
-    return ({k: v for k, v in args.items() if k not in loader_keys}, {k: v for k, v in args.items() if k in loader_keys})
+    dataset_args = {key: value for key, value in args.items() if key not in loader_keys}
+    return dataset_args, {key: value for key, value in args.items() if key in loader_keys}
 
 
 class BatchStream:

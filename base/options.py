@@ -128,7 +128,8 @@ METRIC_KEYS = ("type", "args", "name")
 
 # Names users bring from PyTorch Lightning and older pytorch-template configs -> torchkiln's key path.
 KNOWN_ALIASES = {
-    "max_epochs": "trainer.epochs", "devices": "n_gpu", "gpus": "n_gpu", "log_every_n_steps": "trainer.log_step", "default_root_dir": "trainer.save_dir",
+    "max_epochs": "trainer.epochs", "devices": "n_gpu", "gpus": "n_gpu", "log_every_n_steps": "trainer.log_step",
+    "default_root_dir": "trainer.save_dir",
     "deterministic": "trainer.deterministic", "enable_progress_bar": "trainer.progress_bar",
 }
 

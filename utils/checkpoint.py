@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, weights_only loads, and readable state_dict mismatch reports."""
+import json
 import os
 import pickle
 import re
@@ -53,6 +54,9 @@ def _load_safely(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
+            legacy = _load_pytorch_template_checkpoint(path)
+            if legacy is not None:
+                return legacy
             raise CheckpointError(
                 f"{path}: refused: not a torchkiln checkpoint, or unsafe: loading it would run code "
                 "from the file; only load such a file with weights_only=False if you made it yourself"
@@ -60,6 +64,39 @@ def _load_safely(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a checkpoint (unreadable: {_first_line(error)})") from None
     except (RuntimeError, EOFError, ValueError, OSError):
         raise CheckpointError(f"{path}: not a complete checkpoint: truncated or corrupt") from None
+
+
+class _Inert:
+    """Stands in for a class or function a pickle names: built from the pickled data, it runs none of its code."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
+    """A checkpoint written by pytorch-template (it pickles its ConfigParser, with Path objects inside): every
+    global it names is replaced by an inert stand-in, so nothing from the file runs; what comes out is its
+    weights and its config as plain data, or None when the file is not such a checkpoint."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type(name.rpartition(".")[2], (_Inert,), {}), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
+        return None
+    parser = state.get("config") if isinstance(state, dict) else None
+    config = getattr(parser, "_config", None)
+    if not isinstance(state.get("state_dict"), dict) or not isinstance(config, dict) or "arch" not in state:
+        return None
+    weights = {key.removeprefix("module."): value for key, value in state["state_dict"].items()}
+    return {"version": 0, "legacy": True, "epoch": state.get("epoch"), "state_dict": weights,
+            "config": json.loads(json.dumps(config, default=str))}
 
 
 def _first_line(error: Exception) -> str:
