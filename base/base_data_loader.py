@@ -72,12 +72,13 @@ class BaseDataLoader(DataLoader):
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
         self.generator.manual_seed(derived_seed(self.seed, epoch))
 
-    def split_validation(self) -> DataLoader | None:
-        """The held-out part in a fixed order, or None without a validation split."""
+    def split_validation(self, dataset: Dataset | None = None) -> DataLoader | None:
+        """The held-out part in a fixed order, or None without a validation split. `dataset` is the same data
+        with evaluation transforms, for loaders whose training transforms are random."""
         if self.valid_sampler is None:
             return None
         generator = torch.Generator().manual_seed(self.seed)  # worker seeds, kept off the global RNG
-        return DataLoader(self.dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
+        return DataLoader(dataset or self.dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
 
 
 def split_loader_args(args: dict) -> tuple[dict, dict]:

@@ -36,7 +36,7 @@ def test_yaml_and_json_configs_are_the_same_run():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    assert parse("-c", str(path)).data["name"].startswith("Mnist_LeNet")
+    assert parse("-c", str(path)).data["name"]
 
 
 def test_pytorch_template_config_json_runs_unchanged(tmp_path):

@@ -471,3 +471,14 @@ def test_an_ended_run_always_leaves_its_final_state_in_checkpoint_last(tmp_path)
                                                          "model_best.pth"]
     assert load(run / "checkpoint-last.pth")["epoch"] == 3
 
+
+
+def test_an_exception_in_a_metric_shows_its_line(tmp_path, project, capsys):
+    (tmp_path / "bad_metric.py").write_text("def recall(output, target):\n    return output.sum() / (target.sum() * 0)"
+                                            " if False else undefined_name\n")
+    config = linear_config(tmp_path, project)
+    config["metrics"] = [f"{tmp_path}/bad_metric.py:recall"]
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "m"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: NameError: name 'undefined_name' is not defined"
+    assert f'  File "{tmp_path}/bad_metric.py", line 2, in recall' in err

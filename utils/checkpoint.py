@@ -83,9 +83,9 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
     """A checkpoint written by pytorch-template (it pickles its ConfigParser, with Path objects inside): every
     global it names is replaced by an inert stand-in, so nothing from the file runs; what comes out is its
     weights and its config as plain data, or None when the file is not such a checkpoint."""
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    stand_ins = [(type(name.rpartition(".")[2], (_Inert,), {}), name) for name in names]
     try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rpartition(".")[2], (_Inert,), {}), name) for name in names]
         with torch.serialization.safe_globals(stand_ins):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
