@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from base.config_validation import TRANSFORM_ARGS, validate
-from base.options import REQUIRED, TOP_LEVEL, TRAINER, Option, upgrade_legacy_schema
+from base.options import REQUIRED, TOP_LEVEL, TRAINER, WRITTEN_ONLY, Option, upgrade_legacy_schema
 from logger import setup_logging
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
@@ -135,6 +135,7 @@ class Config:
     notices: list[str] = field(default_factory=list)
     user_data: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    explicit_run_id: bool = False
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -324,7 +325,7 @@ def parse_args(argv: list[str] | None, lookups: dict[str, Lookup], description: 
                project: dict[str, Option] | None = None) -> Config:
     """Command line -> validated Config, or ConfigError naming the file, key path and fix."""
     project = project or {}
-    args = make_arg_parser(description, project).parse_args(argv)
+    args = make_arg_parser(description, project).parse_intermixed_args(argv)  # flags and overrides in any order
     if not args.config and not args.resume:
         raise ConfigError("give a config file with -c FILE, or a checkpoint to resume with -r CHECKPOINT")
     checkpoint, checkpoint_path, data, user_data = None, None, {}, {}
@@ -341,12 +342,14 @@ def parse_args(argv: list[str] | None, lookups: dict[str, Lookup], description: 
     overrides = [f"{key}={value!r}" for key, value in shortcuts.items() if value is not None] + args.overrides
     for text in overrides:
         set_key(user_data, *parse_override(text), text)
+    for key in WRITTEN_ONLY:
+        user_data.pop(key, None), data.pop(key, None)
     legacy = upgrade_legacy_schema(user_data) + upgrade_legacy_schema(data)
     allowed = tuple(user_data.get("imports") or ()) if isinstance(user_data.get("imports"), list) else ()
     trust_all = args.trust_checkpoint_config or not args.resume
     config = Config(deep_merge(data, user_data), source, args.run_id or "", leaf_paths(user_data), trust_all,
                     allowed, checkpoint, checkpoint_path, args.device, args.print_config, user_data=user_data,
-                    overrides=overrides)
+                    overrides=overrides, explicit_run_id=bool(args.run_id))
     errors, notices = validate(config.data, lookups, config.is_trusted, allowed, project)
     if isinstance(config.data.get("name"), str) and _check_path_name(config.data["name"]):
         errors.append(("name", _check_path_name(config.data["name"])))

@@ -1,5 +1,6 @@
 """Train from a config: python train.py -c configs/mnist.yaml [key.path=value ...]; resume with -r."""
 import inspect
+import itertools
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from base import BaseDataLoader
 from base.base_data_loader import split_loader_args
 from base.base_model import init_weights
 from base.config_validation import PER_BATCH_SCHEDULERS, PLATEAU, callable_spec, metric_name, scheduler_monitor
-from logger import setup_logging
+from logger import FILE_ONLY, buffer_early_records, flush_early_records, setup_logging
 from parse_config import Config, parse_args
 from trainer import Trainer
 from trainer import options as project_options
@@ -204,17 +205,47 @@ def changed_args(previous: dict, config: Config, key: str) -> list[tuple[str, An
     return [(name, old_args.get(name), value) for name, value in given.items() if old_args.get(name) != value]
 
 
-def _prepare_run_directory(config: Config) -> None:
-    config.run_dir.mkdir(parents=True, exist_ok=True)
+def claim_run_directory(config: Config) -> None:
+    """Create the run directory atomically, so two runs never share one: a timestamp id that another run
+    took gets a suffix (_2, _3, ...); an existing directory is only reused by resuming its own checkpoint."""
+    if config.checkpoint_path is not None and config.checkpoint_path.parent.resolve() == config.run_dir.resolve():
+        return
+    config.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    first_choice = config.run_id
+    for suffix in itertools.count(2):
+        try:
+            config.run_dir.mkdir()
+            return
+        except FileExistsError:
+            if config.explicit_run_id:
+                raise ConfigError(f"--run-id {first_choice}: {config.run_dir} already exists; choose another id, "
+                                  f"or continue that run with --resume {config.run_dir}") from None
+            config.run_id = f"{first_choice}_{suffix}"
+
+
+def resolved_settings(config: Config, trainer: Trainer) -> dict[str, Any]:
+    """What `auto` and the device check turned into, written to config.yaml beside what was asked for."""
+    loaders = {"data_loader": trainer.data_loader, "valid_data_loader": trainer.valid_data_loader}
+    return {"device": str(trainer.device),
+            **{key: {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+                     "persistent_workers": loader.persistent_workers}
+               for key, loader in loaders.items() if loader is not None}}
+
+
+def _start_run(config: Config, trainer: Trainer, early: Any) -> None:
+    claim_run_directory(config)
+    trainer.set_run_directories(config.run_dir, config.log_dir)
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.data, sort_keys=False))
-    setup_logging(config.log_dir, config.trainer["verbosity"])
+    resolved = {**config.data, "resolved": resolved_settings(config, trainer)}
+    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    setup_logging(config.log_dir, config.trainer["verbosity"], early)
 
 
 def _log_start(config: Config, trainer: Trainer, init_counts: dict[str, int] | None) -> None:
     for notice in config.notices:
         logger.warning("%s", notice)
-    logger.info("%s\nRun directory: %s", trainer.unwrapped_model, config.run_dir)
+    logger.info("%s", trainer.unwrapped_model, extra=FILE_ONLY)
+    logger.info("%s", trainer.header(config["name"], config.run_id, config.source))
     if not trainer.batches.exact:
         logger.info("data_loader %s is not a BaseDataLoader: resuming inside an epoch re-reads the batches "
                     "already trained on, and is exact when its order and worker seeds come from torch's global "
@@ -226,9 +257,27 @@ def _log_start(config: Config, trainer: Trainer, init_counts: dict[str, int] | N
                     trainer.batches_in_epoch)
 
 
+def finished(config: Config) -> str | None:
+    """Why resuming this checkpoint would train nothing, with how to train longer; None if it would."""
+    checkpoint = config.checkpoint
+    if checkpoint is None or checkpoint.get("legacy"):
+        return None
+    run = config.checkpoint_path.parent
+    early_stop = config.trainer["early_stop"]
+    if early_stop and checkpoint.get("not_improved_count", 0) >= early_stop:
+        return (f"{config.checkpoint_path}: this run stopped early at epoch {checkpoint['epoch']} ({early_stop} epochs "
+                f"without improvement). To train on: python train.py --resume {run} trainer.early_stop=0")
+    if checkpoint["epoch"] >= config.trainer["epochs"] and checkpoint["batches_in_epoch"] == 0:
+        return (f"{config.checkpoint_path}: this run is finished ({checkpoint['epoch']} of {config.trainer['epochs']} "
+                f"epochs). To train longer: python train.py --resume {run} "
+                f"trainer.epochs={checkpoint['epoch'] + config.trainer['epochs']}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
     128+N stopped by signal N."""
+    early = buffer_early_records()
     try:
         config = parse_args(argv, lookups(), "Train a model from a YAML or JSON config.",
                             project_options.PROJECT_OPTIONS)
@@ -237,22 +286,29 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if config.device_ids is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = config.device_ids
-        trainer, init_counts = build_trainer(config)
-        _prepare_run_directory(config)
+        trainer, init_counts = build_trainer(config)  # checks the checkpoint fits, writing nothing
+        if finished(config):
+            print(finished(config))
+            return 0
+        _start_run(config, trainer, early)
         _log_start(config, trainer, init_counts)
         trainer.fit()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
+        logger.error("%s", error, extra=FILE_ONLY)
         print(f"error: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:
         logger.warning("%s", stop)
         return stop.exit_status
     except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
+        logger.error("The run crashed", exc_info=error, extra=FILE_ONLY)
         print(user_code.describe(error), file=sys.stderr)
         return 1
+    finally:
+        flush_early_records(early)
     return 0
 
 

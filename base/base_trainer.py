@@ -2,15 +2,18 @@
 import copy
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from logger import TensorboardWriter
+from logger import FILE_ONLY, TensorboardWriter
 from utils.checkpoint import FORMAT_VERSION, load_model_state
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
@@ -20,6 +23,7 @@ from utils.signals import StopRequest
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer
 from .monitor import Monitor
+from .report import describe_data, epoch_line, flat_hparams, parameter_counts, run_header, run_summary, shown_path
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,28 @@ class BaseTrainer:
         self._bar: tqdm | None = None
         self.writer = TensorboardWriter(self.log_dir, enabled=False)  # a no-op until fit() opens the real one
 
+    def set_run_directories(self, run_dir: Path, log_dir: Path) -> None:
+        """Where checkpoints and logs go, once the run directory is claimed."""
+        self.checkpointer.run_dir, self.log_dir = Path(run_dir), Path(log_dir)
+
+    def header(self, name: str, run_id: str, source: str) -> str:
+        """The lines that introduce a run: its data, length, device, model and where everything goes."""
+        valid = self.valid_data_loader
+        rows = {
+            "config": source,
+            "data": f"{describe_data('train', self.data_loader)}; {describe_data('valid', valid)}",
+            "length": f"{self.epochs} epochs x {self.len_epoch} steps = {self.epochs * self.len_epoch} optimizer steps",
+            "device": f"{self.device}, precision 32; workers {self.data_loader.num_workers}, "
+                      f"pin_memory {str(self.data_loader.pin_memory).lower()}",
+            "model": parameter_counts(self.unwrapped_model),
+            "monitor": (f"{self.monitor.mode} {self.monitor.metric} (* marks a new best)" if self.monitor.metric
+                        else "off: model_best.pth is not written"),
+            "run dir": shown_path(self.checkpointer.run_dir),
+            "log dir": f"{shown_path(self.log_dir)} (info.log, metrics.csv"
+                       f"{', TensorBoard' if self.options['tensorboard'] else ''})",
+        }
+        return run_header(f"Run {name}/{run_id}", rows)
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         raise NotImplementedError
 
@@ -64,27 +90,42 @@ class BaseTrainer:
     def fit(self) -> None:
         """Train to `epochs`; a signal stops after the current step with checkpoint-last.pth written."""
         purge_step = self.global_step + 1 if self._resumed else None  # drop what a killed run logged later
-        self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"], purge_step)
+        self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"], purge_step, csv_enabled=True)
+        self.writer.add_run_description(yaml.safe_dump(self.config, sort_keys=False), self.train_metrics.names)
+        started, log = time.monotonic(), {}
         try:
-            with self.stop_request:
+            with self.stop_request, logging_redirect_tqdm():
                 for epoch in range(self.completed_epochs + 1, self.epochs + 1):
-                    log = {"epoch": epoch, "lr": self.learning_rate, **self._train_epoch(epoch)}
-                    if self.valid_data_loader is not None:
-                        log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
-                    self._raise_if_nonfinite(epoch)
-                    self._step_scheduler_per_epoch(log)
-                    self._log_epoch(log)
-                    improved = self.monitor.update(log)
-                    self.completed_epochs, self.batches_in_epoch = epoch, 0
-                    self.checkpointer.save_epoch(self.state, epoch, improved)
-                    self._stop_if_requested()
+                    log = self._epoch(epoch)
                     if self.monitor.should_stop:
                         logger.info("%s did not improve for %d epochs: stopping early.",
                                     self.monitor.metric, self.monitor.early_stop)
                         break
             self.checkpointer.save_last(self.state())  # the final state, whatever save_period
+            self._finish(time.monotonic() - started, log)
         finally:
             self.writer.close()
+
+    def _epoch(self, epoch: int) -> dict[str, float]:
+        """Train and validate one epoch, then log it, step the scheduler and save what is due."""
+        started = time.monotonic()
+        log = {"epoch": epoch, "lr": self.learning_rate, **self._train_epoch(epoch)}
+        if self.valid_data_loader is not None:
+            log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
+        self._raise_if_nonfinite(epoch)
+        self._step_scheduler_per_epoch(log)
+        improved = self.monitor.update(log)
+        self._log_epoch(log, time.monotonic() - started, improved)
+        self.completed_epochs, self.batches_in_epoch = epoch, 0
+        self.checkpointer.save_epoch(self.state, epoch, improved)
+        self._stop_if_requested()
+        return log
+
+    def _finish(self, seconds: float, log: dict[str, float]) -> None:
+        final = {key: value for key, value in log.items() if key != "epoch"}
+        self.writer.add_hparams(flat_hparams(self.config), final, self.global_step)
+        logger.info("%s", run_summary(seconds, self.completed_epochs, self.monitor.should_stop, self.monitor,
+                                      self.checkpointer.run_dir, self.log_dir, self.options["tensorboard"]))
 
     @property
     def learning_rate(self) -> float:
@@ -98,9 +139,8 @@ class BaseTrainer:
         else:
             self.lr_scheduler.step()
 
-    def _log_epoch(self, log: dict[str, float]) -> None:
-        for key, value in log.items():
-            logger.info("    %-15s: %s", key, value)
+    def _log_epoch(self, log: dict[str, float], seconds: float, improved: bool) -> None:
+        logger.info("%s", epoch_line(log["epoch"], self.epochs, log, seconds, improved))
         self.writer.add_scalars("epoch", {k: v for k, v in log.items() if k != "epoch"}, self.global_step)
         if self.options["tensorboard_histograms"]:
             self.writer.add_histograms(self.unwrapped_model, self.global_step)
@@ -111,7 +151,7 @@ class BaseTrainer:
         start = self.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
-        with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}", leave=False,
+        with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}/{self.epochs}", leave=False,
                   disable=not self._show_progress, dynamic_ncols=True) as self._bar:
             for batch_idx in range(start, self.len_epoch):
                 yield batch_idx, next(self.batches)
@@ -158,7 +198,7 @@ class BaseTrainer:
         self.writer.add_scalars("train", {"loss": value, "lr": self.learning_rate}, self.global_step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{value:.4f}")
-        logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value)
+        logger.info("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value, extra=FILE_ONLY)
 
     def _stop_if_requested(self) -> None:
         if self.stop_request.signal is None:
@@ -186,6 +226,7 @@ class BaseTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "monitor_best": self.monitor.best,
+            "monitor_best_epoch": self.monitor.best_epoch,
             "not_improved_count": self.monitor.not_improved,
             "metrics": self.train_metrics.state_dict(),
             "data_order": self.batches.state_dict(),
@@ -217,6 +258,7 @@ class BaseTrainer:
             if keep_scheduler and self.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             self.monitor.best, self.monitor.not_improved = checkpoint["monitor_best"], checkpoint["not_improved_count"]
+            self.monitor.best_epoch = checkpoint.get("monitor_best_epoch")
             self.train_metrics.load_state_dict(checkpoint["metrics"], self.device)
             self.batches.load_state_dict(checkpoint["data_order"])
             self.completed_epochs, self.batches_in_epoch = checkpoint["epoch"], checkpoint["batches_in_epoch"]

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from logger import FILE_ONLY
 from utils.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ class Checkpointer:
         if epoch % self.save_period == 0:
             path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
             save_checkpoint(state, path)
-            logger.info("Saving checkpoint: %s ...", path)
+            logger.info("Saved %s", path, extra=FILE_ONLY)
             self._prune()
         if improved:
             save_checkpoint(state, self.run_dir / BEST)
-            logger.info("Saving current best: %s ...", BEST)
+            logger.info("Saved %s (best so far)", self.run_dir / BEST, extra=FILE_ONLY)
 
     def maybe_save_step(self, make_state: Callable[[], dict], global_step: int) -> None:
         if self.save_every_steps and global_step % self.save_every_steps == 0:

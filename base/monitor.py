@@ -23,6 +23,7 @@ class Monitor:
         self.mode, self.metric = parsed if parsed else ("off", None)
         self.early_stop = early_stop
         self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch: int | None = None
         self.not_improved = 0
 
     def update(self, log: dict[str, float]) -> bool:
@@ -35,7 +36,7 @@ class Monitor:
         value = log[self.metric]
         improved = value < self.best if self.mode == "min" else value > self.best
         if improved:
-            self.best, self.not_improved = value, 0
+            self.best, self.best_epoch, self.not_improved = value, log.get("epoch"), 0
         else:
             self.not_improved += 1
         return improved

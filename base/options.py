@@ -97,6 +97,7 @@ TOP_LEVEL = {
     "lr_scheduler": Option(optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"),
     "trainer": Option(of_type(dict, "a mapping"), {}, "the trainer options below"),
 }
+WRITTEN_ONLY = ("resolved",)  # config.yaml's record of what `auto` became: ignored when a config is read
 TRAINER = {
     "epochs": Option(integer(1), 10, "number of epochs to train"),
     "save_dir": Option(of_type(str, "a path"), "saved/", "root of models/<name>/<run_id> and log/<name>/<run_id>"),

@@ -1,6 +1,8 @@
-"""stdlib logging from logger_config.yaml: console plus info.log in the run's log directory."""
+"""stdlib logging from logger_config.yaml: a clean console, and info.log in the run's log directory holding
+everything the console showed plus the step-level detail and the traceback of a crash."""
 import logging
 import logging.config
+import logging.handlers
 from pathlib import Path
 
 import yaml
@@ -9,14 +11,47 @@ LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 # The project's own loggers: verbosity applies to these only, so that libraries (PIL, matplotlib, ...) keep
 # their WARNING level instead of flooding the console with their debug output.
 PROJECT_LOGGERS = ("train", "test", "parse_config", "base", "trainer", "model", "data_loader", "utils", "logger")
+FILE_ONLY = {"file_only": True}  # logger.info(..., extra=FILE_ONLY): info.log only, never the console
 _CONFIG_FILE = Path(__file__).with_name("logger_config.yaml")
 
 
-def setup_logging(log_dir: Path, verbosity: int = 2) -> None:
-    """Configure logging; called once by an entry script after the config is validated."""
+class ConsoleFilter(logging.Filter):
+    """Keeps step-level detail (records logged with extra=FILE_ONLY) off the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+def buffer_early_records() -> logging.handlers.MemoryHandler:
+    """Hold what is logged before the run's log directory exists (device warnings, config notices), so that
+    setup_logging can send it to the console and to info.log; flush_early_records shows it if no run starts."""
+    buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    logging.root.addHandler(buffer)
+    logging.root.setLevel(logging.INFO)
+    return buffer
+
+
+def flush_early_records(buffer: logging.handlers.MemoryHandler) -> None:
+    """No run directory after all (bad input, --print-config): show the held warnings on stderr."""
+    logging.root.removeHandler(buffer)
+    console = logging.StreamHandler()
+    for record in buffer.buffer:
+        if record.levelno >= logging.WARNING and not getattr(record, "file_only", False):
+            console.handle(record)
+    buffer.buffer.clear()
+
+
+def setup_logging(log_dir: Path, verbosity: int = 2, early: logging.handlers.MemoryHandler | None = None) -> None:
+    """Configure logging; called once by an entry script after the config is validated. Records held by
+    `early` are replayed through the new handlers."""
     config = yaml.safe_load(_CONFIG_FILE.read_text())
     for handler in config["handlers"].values():
         if "filename" in handler:
             handler["filename"] = str(Path(log_dir) / handler["filename"])
     config["loggers"] = {name: {"level": LEVELS[verbosity]} for name in PROJECT_LOGGERS}
     logging.config.dictConfig(config)
+    if early is not None:
+        for record in early.buffer:
+            if logging.getLogger(record.name).isEnabledFor(record.levelno):
+                logging.root.handle(record)
+        early.buffer.clear()

@@ -37,11 +37,16 @@ def test_end_to_end_on_bundled_digits(tmp_path, capsys):
     best = load(run / "model_best.pth")
     assert best["monitor_best"] < 1.0 and best["epoch"] == 2
     written = yaml.safe_load((run / "config.yaml").read_text())
+    resolved = written.pop("resolved")
+    assert resolved == {"device": "cpu", **{key: {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+                                            for key in ("data_loader", "valid_data_loader")}}
+    assert written["data_loader"]["args"]["num_workers"] == 0, "what was asked stays next to what it resolved to"
     assert written == best["config"] and written["trainer"]["log_step"] == 5 and written["trainer"]["keep_last"] == 0
     summary = capsys.readouterr().out
+    last_epoch = [line for line in summary.splitlines() if line.startswith("epoch 2/2  ")][0]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-        assert f"    {key:<15}: " in summary
-    val_accuracy = float(summary.split("val_accuracy   : ")[-1].split()[0])
+        assert f"  {key} " in last_epoch
+    val_accuracy = float(last_epoch.split("  val_accuracy ")[-1].split()[0])
     assert val_accuracy > 0.7, "chance is 0.1"
 
     log_dir = tmp_path / "saved" / "log" / "tiny" / "e2e"

@@ -1,0 +1,79 @@
+"""What a person reads: the header that introduces a run, one line per epoch, and the summary at its end."""
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def shown_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when it lies below it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def describe_data(name: str, loader: DataLoader | None) -> str:
+    if loader is None:
+        return f"{name} none"
+    samples = len(loader.sampler) if hasattr(loader.sampler, "__len__") else None
+    try:
+        batches = len(loader)
+    except TypeError:  # an IterableDataset without a length
+        batches = None
+    return f"{name} {samples if samples is not None else '?'} samples in {batches or '?'} batches of {loader.batch_size}"
+
+
+def parameter_counts(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{type(model).__name__}, {total:,} parameters ({trainable:,} trainable)"
+
+
+def run_header(title: str, rows: dict[str, str]) -> str:
+    width = max(map(len, rows))
+    return "\n".join([title] + [f"  {key:<{width}}  {value}" for key, value in rows.items()])
+
+
+def epoch_line(epoch: int, epochs: int, log: dict[str, float], seconds: float, improved: bool) -> str:
+    """`epoch 3/10  loss 0.2311  val_loss 0.1021  lr 0.001  2.3s  *`: 4 significant digits, * = new best."""
+    values = "  ".join(f"{key} {value:.4g}" for key, value in log.items() if key != "epoch")
+    return f"epoch {epoch}/{epochs}  {values}  {seconds:.1f}s{'  *' if improved else ''}"
+
+
+def run_summary(seconds: float, epochs_done: int, stopped_early: bool, monitor: Any, run_dir: Path, log_dir: Path,
+                tensorboard: bool) -> str:
+    """Elapsed time, the best epoch and where things are, with the commands to run next."""
+    how = f"stopped early after {epochs_done} epochs" if stopped_early else f"finished {epochs_done} epochs"
+    lines = [f"Done: {how} in {_duration(seconds)}."]
+    best = run_dir / "model_best.pth"
+    if monitor.metric and monitor.best_epoch is not None:
+        lines.append(f"  best      {monitor.metric} {monitor.best:.4g} at epoch {monitor.best_epoch}: {shown_path(best)}")
+    last = run_dir / "checkpoint-last.pth"
+    lines.append(f"  last      {shown_path(last)}")
+    evaluated = best if monitor.metric and best.exists() else last
+    lines.append(f"  test      python test.py --resume {shown_path(evaluated)}")
+    curves = f"tensorboard --logdir {shown_path(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
+    lines.append(f"  curves    {curves}; every scalar is also in {shown_path(log_dir / 'metrics.csv')}")
+    lines.append(f"  continue  python train.py --resume {shown_path(run_dir)} trainer.epochs={2 * epochs_done}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02.0f}s" if minutes else f"{seconds:.1f} s"
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    """The config's leaves as `section.key` -> value, in the types TensorBoard's HParams tab takes."""
+    flat = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{path}."))
+        else:
+            flat[path] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
