@@ -53,8 +53,9 @@ def test_end_to_end_on_bundled_digits(tmp_path, capsys):
     assert "val_accuracy" in (log_dir / "info.log").read_text()
     events = EventAccumulator(str(log_dir))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "epoch/lr", "epoch/loss", "epoch/accuracy",
-                                             "epoch/val_loss", "epoch/val_accuracy"}
+    epoch_tags = {"lr", "loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", *(f"epoch/{tag}" for tag in epoch_tags),
+                                             *(f"hparams/{tag}" for tag in epoch_tags)}
     assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 101, 5))
 
     assert test_script.main(["-r", str(run / "model_best.pth")]) == 0

@@ -28,7 +28,8 @@ class Trainer(BaseTrainer):
         return self.train_metrics.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
-        progress = tqdm(self.valid_data_loader, desc=f"valid {epoch}", leave=False, disable=not self._show_progress)
+        progress = tqdm(self.valid_data_loader, desc=f"valid {epoch}/{self.epochs}", leave=False,
+                        disable=not self._show_progress)
         return evaluate(self.model, progress, self.criterion, self.valid_metrics, self.device)
 
 
