@@ -10,6 +10,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from base.train_step import autocast_for, check_precision
 from parse_config import Config, parse_args
 from train import accepts, build_loader, build_model, loss_and_metrics, lookups
 from trainer import evaluate
@@ -49,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(config["seed"])
         device, _ = prepare_device(min(config["n_gpu"], 1))
         model = build_model(config)
-        load_model_state(model, config.checkpoint["state_dict"], config.checkpoint_path)
+        weights = config.checkpoint.get("eval_weights", "state_dict")  # the EMA weights when training kept them
+        load_model_state(model, config.checkpoint[weights], config.checkpoint_path)
         loader = evaluation_loader(config)
         criterion, metrics = loss_and_metrics(config)
         batches = tqdm(loader, desc="test", leave=False, disable=not sys.stderr.isatty())
-        results = evaluate(model.to(device), batches, criterion, EpochMetrics(metrics, device), device)
+        precision = config.trainer.get("precision", "32")
+        check_precision(precision, device)
+        results = evaluate(model.to(device), batches, criterion, EpochMetrics(metrics, device), device,
+                           autocast_for(precision, device), config.trainer.get("channels_last", False))
         if not results:
             raise TrainingError(f"the test data ({config['test_data_loader'] and 'test_data_loader' or 'data_loader'}"
                                 f" of {config.source}) yielded no batches: nothing was evaluated")

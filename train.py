@@ -19,6 +19,7 @@ import model.model as module_arch
 from base import BaseDataLoader
 from base.base_data_loader import split_loader_args
 from base.base_model import init_weights
+from base.train_step import check_precision, compile_failure, compiled
 from base.config_validation import PER_BATCH_SCHEDULERS, PLATEAU, callable_spec, metric_name, scheduler_monitor
 from logger import FILE_ONLY, buffer_early_records, flush_early_records, setup_logging
 from parse_config import Config, parse_args
@@ -159,9 +160,12 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     model = build_model(config)
     init_from = config["arch"].get("init_from")
     init_counts = _init_from(model, init_from) if init_from and config.checkpoint is None else None
-    model = model.to(device)
+    check_precision(config.trainer["precision"], device)
+    model = model.to(device, memory_format=torch.channels_last if config.trainer["channels_last"] else None)
     if len(device_ids) > 1:
         model = nn.DataParallel(model, device_ids=device_ids)
+    if config.trainer["compile"]:
+        model = compiled(model, config.trainer["compile"])
     criterion, metrics = loss_and_metrics(config)
     if isinstance(criterion, nn.Module):
         criterion = criterion.to(device)
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_status
     except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
         logger.error("The run crashed", exc_info=error, extra=FILE_ONLY)
-        print(user_code.describe(error), file=sys.stderr)
+        print(f"error: {compile_failure(error)}" if compile_failure(error) else user_code.describe(error),
+              file=sys.stderr)
         return 1
     finally:
         flush_early_records(early)

@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from logger import FILE_ONLY, TensorboardWriter
 from utils.checkpoint import FORMAT_VERSION, load_model_state
+from utils.device import to_device
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
 from utils.seeding import rng_state, set_rng_state
@@ -23,6 +24,7 @@ from utils.signals import StopRequest
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer
 from .monitor import Monitor
+from .train_step import TrainStep, unwrap
 from .report import describe_data, epoch_line, flat_hparams, parameter_counts, run_header, run_summary, shown_path
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class BaseTrainer:
         self.options, self.log_dir, self.config = options, Path(log_dir), config or {}
         self.epochs, self.log_step = options["epochs"], options["log_step"]
         self.len_epoch = options["len_epoch"] or len(data_loader)
+        self.step = TrainStep(model, device, options["precision"], options["accumulate_grad_batches"],
+                              self.len_epoch, options["clip_grad_norm"], options["clip_grad_value"],
+                              (options["ema"] or {}).get("decay"))
         self.batches = BatchStream(data_loader)
         self.monitor = Monitor(options["monitor"], options["early_stop"])
         self.checkpointer = Checkpointer(run_dir, options["save_period"], options["keep_last"],
@@ -52,8 +57,7 @@ class BaseTrainer:
         self.stop_request = StopRequest()
         self.global_step, self.skipped_steps = 0, 0
         self.completed_epochs, self.batches_in_epoch = 0, 0  # where training stands: what a resume restores
-        self._resumed = False
-        self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._resumed, self._window_skipped, self._finite_through = False, False, 0
         self._show_progress = options["progress_bar"] and sys.stderr.isatty()
         self._bar: tqdm | None = None
         self.writer = TensorboardWriter(self.log_dir, enabled=False)  # a no-op until fit() opens the real one
@@ -68,8 +72,10 @@ class BaseTrainer:
         rows = {
             "config": source,
             "data": f"{describe_data('train', self.data_loader)}; {describe_data('valid', valid)}",
-            "length": f"{self.epochs} epochs x {self.len_epoch} steps = {self.epochs * self.len_epoch} optimizer steps",
-            "device": f"{self.device}, precision 32; workers {self.data_loader.num_workers}, "
+            "length": f"{self.epochs} epochs x {self.step.steps_per_epoch()} steps = "
+                      f"{self.epochs * self.step.steps_per_epoch()} optimizer steps"
+                      + (f" of {self.step.accumulate} batches" if self.step.accumulate > 1 else ""),
+            "device": f"{self.device}, precision {self.options['precision']}; workers {self.data_loader.num_workers}, "
                       f"pin_memory {str(self.data_loader.pin_memory).lower()}",
             "model": parameter_counts(self.unwrapped_model),
             "monitor": (f"{self.monitor.mode} {self.monitor.metric} (* marks a new best)" if self.monitor.metric
@@ -148,7 +154,7 @@ class BaseTrainer:
     # ---- helpers for the per-batch loop ----
     def _train_batches(self, epoch: int) -> Iterator[tuple[int, Any]]:
         """(batch index, batch) for this epoch; a resumed epoch continues at its next batch."""
-        start = self.batches_in_epoch
+        start = self._finite_through = self.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
         with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}/{self.epochs}", leave=False,
@@ -157,27 +163,37 @@ class BaseTrainer:
                 yield batch_idx, next(self.batches)
                 self._bar.update()
 
-    def _loss_is_usable(self, loss: torch.Tensor, epoch: int, batch_idx: int) -> bool:
-        """`stop` records a non-finite loss on the device (no host sync) and raises at the next read-back,
-        before any save; `skip` must sync every step to decide whether to step."""
-        finite = torch.isfinite(loss)
-        if self.options["on_nonfinite"] == "stop":
-            seen = self._first_nonfinite_step >= 0
-            self._first_nonfinite_step = torch.where(finite | seen, self._first_nonfinite_step, self.global_step)
-            return True
-        if finite:
-            return True
-        self.skipped_steps += 1
-        logger.warning("Non-finite loss at epoch %d batch %d: step skipped (%d so far)", epoch, batch_idx,
-                       self.skipped_steps)
-        return False
+    def to_device(self, data: Any, target: Any) -> tuple[Any, Any]:
+        """A batch on the training device; image batches in channels_last when the model is."""
+        data, target = to_device(data, self.device), to_device(target, self.device)
+        if self.options["channels_last"] and isinstance(data, torch.Tensor) and data.dim() == 4:
+            data = data.contiguous(memory_format=torch.channels_last)
+        return data, target
+
+    def _record(self, epoch: int, batch_idx: int, loss: torch.Tensor, output: Any, target: Any) -> None:
+        """Add the batch to the epoch's metrics. `on_nonfinite: stop` costs nothing here: the loss sum the
+        metrics keep turns non-finite with any loss and is checked at the next read-back, before any save;
+        `skip` must look at every loss (a host sync) and drops the window's step."""
+        if self.options["on_nonfinite"] == "skip" and not torch.isfinite(loss):
+            skipped = self.skipped_steps + (not self._window_skipped)
+            self._window_skipped = True
+            logger.warning("Non-finite loss at epoch %d batch %d: step skipped (%d so far)", epoch, batch_idx, skipped)
+            return
+        self.train_metrics.update(loss, output, target)
+
+    def _skip_window(self) -> bool:
+        skipped, self._window_skipped = self._window_skipped, False
+        self.skipped_steps += skipped
+        return skipped
 
     def _raise_if_nonfinite(self, epoch: int) -> None:
-        bad_step = int(self._first_nonfinite_step)
-        if bad_step >= 0:
-            batch = bad_step - (self.global_step - self.batches_in_epoch)
-            raise TrainingError(f"non-finite loss at epoch {epoch} batch {batch}; the last good checkpoint is kept "
-                                "(set trainer.on_nonfinite: skip to skip such steps)")
+        if self.train_metrics.loss_is_finite():
+            self._finite_through = self.batches_in_epoch
+            return
+        first, last = self._finite_through, max(self.batches_in_epoch - 1, self._finite_through)
+        where = f"batch {first}" if first == last else f"batches {first}-{last}"
+        raise TrainingError(f"non-finite loss at epoch {epoch} {where}; the last good checkpoint is kept "
+                            "(set trainer.on_nonfinite: skip to skip such steps)")
 
     def _after_step(self, epoch: int, batch_idx: int, data: torch.Tensor, loss: torch.Tensor) -> None:
         """Side concerns of one optimizer step: scheduler, logging, step checkpoints, signals."""
@@ -194,8 +210,10 @@ class BaseTrainer:
 
     def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor) -> None:
         self._raise_if_nonfinite(epoch)
-        value = loss.item()  # the one host sync per log_step
-        self.writer.add_scalars("train", {"loss": value, "lr": self.learning_rate}, self.global_step)
+        norm = self.step.grad_norm
+        values = (torch.stack([loss.detach().float(), norm.float()]) if norm is not None else loss.detach()).tolist()
+        value, scalars = (values[0], {"grad_norm": values[1]}) if norm is not None else (values, {})
+        self.writer.add_scalars("train", {"loss": value, "lr": self.learning_rate, **scalars}, self.global_step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{value:.4f}")
         logger.info("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value, extra=FILE_ONLY)
@@ -210,7 +228,7 @@ class BaseTrainer:
     # ---- checkpoints ----
     @property
     def unwrapped_model(self) -> nn.Module:
-        return self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+        return unwrap(self.model)
 
     def state(self) -> dict:
         """Everything that makes `--resume` continue bit for bit, as plain data."""
@@ -222,7 +240,10 @@ class BaseTrainer:
             "batches_in_epoch": self.batches_in_epoch,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
-            "state_dict": self.unwrapped_model.state_dict(),
+            "state_dict": self.unwrapped_model.state_dict(),  # the weights training continues from
+            "ema_state_dict": self.step.ema.module.state_dict() if self.step.ema is not None else None,
+            "eval_weights": "ema_state_dict" if self.step.ema is not None else "state_dict",  # what test.py uses
+            "step": self.step.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "monitor_best": self.monitor.best,
@@ -263,6 +284,7 @@ class BaseTrainer:
             self.batches.load_state_dict(checkpoint["data_order"])
             self.completed_epochs, self.batches_in_epoch = checkpoint["epoch"], checkpoint["batches_in_epoch"]
             self.global_step, self.skipped_steps = checkpoint["global_step"], checkpoint["skipped_steps"]
+            self.step.load_state_dict(checkpoint.get("step") or {}, checkpoint.get("ema_state_dict"))
             set_rng_state(checkpoint["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{source}: cannot resume from it: {type(error).__name__}: {error}") from None

@@ -3,7 +3,10 @@
 It drives validation, the defaults written into config.yaml, and `train.py --help`. A project declares
 its own keys in the same form in `trainer/options.py`.
 """
+import inspect
 from typing import Any, Callable, NamedTuple
+
+import torch
 
 from .base_model import INIT_SCHEMES
 from .monitor import parse_monitor
@@ -68,6 +71,39 @@ def _monitor(value: Any) -> str | None:
     return None
 
 
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_PRECISION_ALIASES = {"fp32": "32", "float32": "32", "32-true": "32", "fp16": "16-mixed", "16": "16-mixed",
+                      "half": "16-mixed", "float16": "16-mixed", "bf16": "bf16-mixed", "bfloat16": "bf16-mixed"}
+
+
+def _precision(value: Any) -> str | None:
+    if str(value) in PRECISIONS and not isinstance(value, bool):
+        return None
+    hint = _PRECISION_ALIASES.get(str(value).lower())
+    return f"must be one of {', '.join(PRECISIONS)}, not {value!r}" + (f" (did you mean '{hint}'?)" if hint else "")
+
+
+def _ema(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"decay"}:
+        return f"must be null or a mapping {{decay: 0.999}}, not {value!r}"
+    decay = value.get("decay", 0.999)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        return f"decay must be a number between 0 and 1, not {decay!r}"
+    return None
+
+
+def _compile(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, dict):
+        return f"must be true, false or a mapping of torch.compile arguments, not {value!r}"
+    known = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = [key for key in value if key not in known]
+    return f"'{unknown[0]}' is not an argument of torch.compile; it takes {', '.join(known)}" if unknown else None
+
+
 def _callable_spec(value: Any) -> str | None:
     if isinstance(value, str) or (isinstance(value, dict) and "type" in value):
         return None
@@ -116,6 +152,13 @@ TRAINER = {
     "deterministic": Option(_boolean, False, "deterministic algorithms, cudnn.benchmark off"),
     "progress_bar": Option(_boolean, True, "tqdm bars (also off when stderr is not a terminal)"),
     "on_nonfinite": Option(choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"),
+    "precision": Option(_precision, "32", "32, bf16-mixed or 16-mixed (autocast; 16-mixed adds a GradScaler)"),
+    "accumulate_grad_batches": Option(integer(1), 1, "batches per optimizer step (gradient accumulation)"),
+    "clip_grad_norm": Option(optional(number(0)), None, "clip the total gradient norm to this (null: off)"),
+    "clip_grad_value": Option(optional(number(0)), None, "clip each gradient element to +-this (null: off)"),
+    "ema": Option(_ema, None, "{decay: 0.999}: validate, pick model_best and test with an EMA of the weights"),
+    "compile": Option(_compile, False, "torch.compile the model: true, or its arguments {mode, fullgraph, ...}"),
+    "channels_last": Option(_boolean, False, "channels_last memory format for the model and image batches"),
 }
 LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
 SECTION_KEYS = {"arch": ("type", "args", "init", "init_from"), "optimizer": ("type", "args"),
@@ -130,7 +173,11 @@ METRIC_KEYS = ("type", "args", "name")
 # Names users bring from PyTorch Lightning and older pytorch-template configs -> torchkiln's key path.
 KNOWN_ALIASES = {
     "max_epochs": "trainer.epochs", "devices": "n_gpu", "gpus": "n_gpu", "log_every_n_steps": "trainer.log_step",
-    "default_root_dir": "trainer.save_dir",
+    "default_root_dir": "trainer.save_dir", "gradient_clip_val": "trainer.clip_grad_norm",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches", "precision": "trainer.precision",
+    "grad_clip": "trainer.clip_grad_norm", "max_grad_norm": "trainer.clip_grad_norm",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
     "deterministic": "trainer.deterministic", "enable_progress_bar": "trainer.progress_bar",
 }
 

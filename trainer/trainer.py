@@ -1,4 +1,5 @@
 """The per-batch training loop: the file users are expected to edit."""
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterable
 
 import torch
@@ -11,36 +12,46 @@ from utils.metrics import EpochMetrics
 
 
 class Trainer(BaseTrainer):
-    """One epoch of training and one of validation; everything else lives in BaseTrainer."""
+    """One epoch of training and one of validation; everything else lives in BaseTrainer. `self.step` holds
+    the mechanics of precision, accumulation, clipping and EMA (base/train_step.py)."""
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         for batch_idx, (data, target) in self._train_batches(epoch):
-            data, target = to_device(data, self.device), to_device(target, self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            output = self.model(data)
-            loss = self.criterion(output, target)  # a second loss term goes here: loss = loss + w * other
-            loss.backward()
-            if self._loss_is_usable(loss, epoch, batch_idx):
-                self.optimizer.step()
-                self.train_metrics.update(loss, output, target)
-            self._after_step(epoch, batch_idx, data, loss)
+            data, target = self.to_device(data, target)
+            with self.step.accumulating(batch_idx):  # DDP all-reduces only at the end of a window
+                with self.step.autocast():
+                    output = self.model(data)
+                    loss = self.criterion(output, target)  # a second loss term goes here: loss = loss + w * aux
+                self.step.backward(loss, batch_idx)  # scaled by 1/window, and by the GradScaler under 16-mixed
+            self._record(epoch, batch_idx, loss, output, target)
+            if self.step.window_done(batch_idx):
+                self.step.update(self.optimizer, skip=self._skip_window())  # unscale, clip, step, zero_grad, EMA
+                self._after_step(epoch, batch_idx, data, loss)
         return self.train_metrics.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
         progress = tqdm(self.valid_data_loader, desc=f"valid {epoch}/{self.epochs}", leave=False,
                         disable=not self._show_progress)
-        return evaluate(self.model, progress, self.criterion, self.valid_metrics, self.device)
+        return evaluate(self.step.eval_model, progress, self.criterion, self.valid_metrics, self.device,
+                        self.step.autocast, self.options["channels_last"])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, criterion: Callable[[Any, Any], torch.Tensor],
-             metrics: EpochMetrics, device: torch.device) -> dict[str, float]:
-    """Mean loss and metrics over `batches` in eval mode; shared by validation and test.py."""
+             metrics: EpochMetrics, device: torch.device,
+             autocast: Callable[[], AbstractContextManager] = nullcontext, channels_last: bool = False
+             ) -> dict[str, float]:
+    """Mean loss and metrics over `batches` in eval mode, in the training precision; shared by validation
+    and test.py."""
     model.eval()
     metrics.reset()
     for data, target in batches:
         data, target = to_device(data, device), to_device(target, device)
-        output = model(data)
-        metrics.update(criterion(output, target), output, target)
+        if channels_last and isinstance(data, torch.Tensor) and data.dim() == 4:
+            data = data.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(data)
+            loss = criterion(output, target)
+        metrics.update(loss, output, target)
     return metrics.result()

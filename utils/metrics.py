@@ -25,9 +25,13 @@ class MetricTracker:
     def update(self, key: str, value: torch.Tensor | float, n: int = 1) -> None:
         if self.writer is not None:
             self.writer.add_scalar(key, value)
-        weighted = value.detach().float() * n if isinstance(value, torch.Tensor) else float(value) * n
         total = self._sums[key]
-        self._sums[key] = weighted if total is None else total + weighted
+        if not isinstance(value, torch.Tensor):
+            self._sums[key] = float(value) * n + (total or 0.0)
+        elif isinstance(total, torch.Tensor):
+            total.add_(value.detach(), alpha=n)  # one kernel, no new tensor
+        else:
+            self._sums[key] = value.detach().float() * n + (total or 0.0)
         self._counts[key] += n
 
     def result(self) -> dict[str, float]:
@@ -87,6 +91,11 @@ class EpochMetrics:
             self.tracker.update(name, metric(output, target), n)
         for metric in self.stateful.values():
             metric.update(output, target)
+
+    def loss_is_finite(self) -> bool:
+        """One host sync: the loss sum turns nan or inf with any non-finite batch loss."""
+        total = self.tracker._sums["loss"]
+        return total is None or bool(torch.isfinite(torch.as_tensor(total)))
 
     def result(self) -> dict[str, float]:
         values = self.tracker.result()

@@ -1,0 +1,158 @@
+"""The mechanics of one optimizer step: mixed precision, gradient accumulation, clipping and an EMA of the
+weights. It knows nothing of epochs, logging or files; its state_dict() is part of every checkpoint."""
+import contextlib
+import copy
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from utils.errors import ConfigError
+
+AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def check_precision(precision: str | int, device: torch.device) -> None:
+    """Refuse a mode torch cannot run on this device, naming the one to use instead."""
+    precision = str(precision)
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
+                          "use precision: 16-mixed")
+    if precision != "32" and not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"trainer.precision: torch has no autocast on {device.type}; use precision: 32")
+
+
+class TrainStep:
+    """Precision (autocast, and a GradScaler under 16-mixed), accumulation windows of `accumulate` batches
+    (the last window of an epoch may be shorter: its loss is scaled by the batches it really has), gradient
+    clipping after unscaling, and an EMA of the weights (torch.optim.swa_utils) updated after each step."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "32", accumulate: int = 1,
+                 epoch_batches: int = 1, clip_norm: float | None = None, clip_value: float | None = None,
+                 ema_decay: float | None = None):
+        self.model, self.device = model, device
+        self.autocast = autocast_for(precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16-mixed" else None
+        self.accumulate, self.epoch_batches = accumulate, epoch_batches
+        self.clip_norm, self.clip_value = clip_norm, clip_value
+        self.grad_norm: torch.Tensor | None = None  # the last step's total norm, read back on logging steps only
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(unwrap(model), device=device, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+            self.ema.requires_grad_(False)
+        self.ema_updates = 0  # counted on the host: AveragedModel reads its device counter back every update
+
+    @contextlib.contextmanager
+    def accumulating(self, batch_idx: int) -> Iterator[None]:
+        """Around forward and backward of one batch: a DDP model skips its gradient all-reduce until the
+        last batch of the window."""
+        if hasattr(self.model, "no_sync") and not self.window_done(batch_idx):
+            with self.model.no_sync():
+                yield
+        else:
+            yield
+
+    def window_size(self, batch_idx: int) -> int:
+        start = batch_idx - batch_idx % self.accumulate
+        return min(self.accumulate, self.epoch_batches - start)
+
+    def window_done(self, batch_idx: int) -> bool:
+        """Whether this batch ends an accumulation window (and so an optimizer step follows it)."""
+        return (batch_idx + 1) % self.accumulate == 0 or batch_idx + 1 == self.epoch_batches
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.epoch_batches // self.accumulate)
+
+    def backward(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Backward of the loss divided by the window's batch count, so that the window's update equals one
+        batch that many times larger."""
+        scaled = loss / self.window_size(batch_idx) if self.accumulate > 1 else loss
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def update(self, optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
+        """End of a window: unscale, clip, step (unless skipped), update the scaler, zero the gradients,
+        update the EMA."""
+        if not skip:
+            if self.scaler and (self.clip_norm or self.clip_value):
+                self.scaler.unscale_(optimizer)
+            self._clip()
+            if self.scaler:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+            self._update_ema()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _clip(self) -> None:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip_value:
+            torch.nn.utils.clip_grad_value_(parameters, self.clip_value)
+        if self.clip_norm:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.clip_norm)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        averaged = list(self.ema.module.parameters())
+        current = [p.detach() for p in unwrap(self.model).parameters()]
+        if self.ema_updates == 0:  # as AveragedModel: the first update copies
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.ema.multi_avg_fn(averaged, current, self.ema.n_averaged)
+        for ema_buffer, buffer in zip(self.ema.module.buffers(), unwrap(self.model).buffers()):
+            ema_buffer.copy_(buffer)  # BatchNorm statistics follow the model (AveragedModel's use_buffers=False)
+        self.ema.n_averaged += 1
+        self.ema_updates += 1
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation, model_best.pth and test.py judge: the EMA weights when on, else the model."""
+        return self.ema.module if self.ema is not None and self.ema_updates else self.model
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler else None, "ema_updates": self.ema_updates}
+
+    def load_state_dict(self, state: dict, ema_weights: dict | None) -> None:
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.ema_updates = state.get("ema_updates", 0)
+        if self.ema is not None and ema_weights is not None:
+            self.ema.module.load_state_dict(ema_weights)
+            self.ema.n_averaged.fill_(self.ema_updates)
+
+
+def autocast_for(precision: str | int, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the context forward and loss run in: autocast for the mixed modes (validation and
+    test.py use the same one as training)."""
+    dtype = AUTOCAST_DTYPES[str(precision)]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def compile_failure(error: BaseException) -> str | None:
+    """One line for an error raised by torch.compile's machinery, naming the option that turns it off."""
+    module = type(error).__module__
+    if not module.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"torch.compile failed ({type(error).__name__}: {reason}); set trainer.compile: false to train without it"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP/DataParallel and torch.compile wrappers: what checkpoints hold."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def compiled(model: nn.Module, options: bool | dict[str, Any]) -> nn.Module:
+    """torch.compile with the config's keyword arguments (true: the defaults)."""
+    return torch.compile(model, **({} if options is True else copy.deepcopy(options)))
