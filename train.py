@@ -133,7 +133,7 @@ def _check_one_cycle(config: Config, steps: int) -> None:
     args = config["lr_scheduler"].setdefault("args", {})
     per_batch = config.trainer["lr_step"] == "batch"
     run_steps = config.trainer["epochs"] * (steps if per_batch else 1)
-    length = f"{config.trainer['epochs']} epochs" + (f" x {steps} batches" if per_batch else "")
+    length = f"{config.trainer['epochs']} epochs" + (f" x {steps} optimizer steps" if per_batch else "")
     if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
         args.update(total_steps=run_steps)
         args.pop("epochs", None), args.pop("steps_per_epoch", None)
@@ -172,7 +172,8 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     optimizer = config.build("optimizer", [p for p in model.parameters() if p.requires_grad], lookup=torch.optim)
     scheduler = None
     if config["lr_scheduler"]:
-        scheduler = build_scheduler(config, optimizer, steps_per_epoch(config, train_loader))
+        batches = steps_per_epoch(config, train_loader)
+        scheduler = build_scheduler(config, optimizer, -(-batches // config.trainer["accumulate_grad_batches"]))
     trainer = Trainer(model, criterion, metrics, optimizer, config.trainer, device, train_loader,
                       valid_loader, scheduler, config.run_dir, config.log_dir, config.data)
     if config.checkpoint is not None:

@@ -381,7 +381,7 @@ def test_fine_tuning_applies_a_changed_lr_and_says_so(tmp_path, project, capsys)
      "lr_scheduler.monitor: 'val_f2' is not a produced metric (did you mean 'val_f1'?); choose from loss, "
      "float_accuracy, top1, f1, val_loss, val_float_accuracy, val_top1, val_f1"),
     ({"type": "OneCycleLR", "args": {"max_lr": 0.1, "total_steps": 100}}, {"lr_step": "batch"},
-     "lr_scheduler.args.total_steps: OneCycleLR would run 100 steps but this run takes 12 (2 epochs x 6 batches); "
+     "lr_scheduler.args.total_steps: OneCycleLR would run 100 steps but this run takes 12 (2 epochs x 6 optimizer steps); "
      "set total_steps: auto"),
 ], ids=["plateau-mode", "plateau-per-batch", "plateau-monitor", "one-cycle-length"])
 def test_scheduler_checks_before_anything_is_written(tmp_path, project, capsys, scheduler, trainer_options,
