@@ -86,6 +86,8 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
 
     def _clip(self) -> None:
+        if not (self.clip_value or self.clip_norm):
+            return
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         if self.clip_value:
             torch.nn.utils.clip_grad_value_(parameters, self.clip_value)
