@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on test data: python test.py -r CHECKPOINT [-c data_override.yaml].
+"""Evaluate a checkpoint on test data: python test.py -r CHECKPOINT [-c data_override.yaml]. Under torchrun the
+data is sharded and the sums all-reduced: the numbers equal a single process's.
 
 The data is the config's test_data_loader section when it has one; otherwise its data_loader with the
 pytorch-template convention `training=False` (or torchvision's `train=False` for a Dataset type).
@@ -6,6 +7,7 @@ pytorch-template convention `training=False` (or torchvision's `train=False` for
 import json
 import sys
 
+import torch
 import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -15,7 +17,7 @@ from parse_config import Config, parse_args
 from train import accepts, build_loader, build_model, loss_and_metrics, lookups
 from trainer import evaluate
 from trainer import options as project_options
-from utils import user_code
+from utils import distributed, user_code
 from utils.checkpoint import load_model_state
 from utils.device import prepare_device
 from utils.errors import ConfigError, TrainingError
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config.data, sort_keys=False), end="")
             return 0
         seed_everything(config["seed"])
+        distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         device, _ = prepare_device(min(config["n_gpu"], 1))
         model = build_model(config)
         weights = config.checkpoint.get("eval_weights", "state_dict")  # the EMA weights when training kept them
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainingError(f"the test data ({config['test_data_loader'] and 'test_data_loader' or 'data_loader'}"
                                 f" of {config.source}) yielded no batches: nothing was evaluated")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if distributed.env_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -71,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
         print(user_code.describe(error), file=sys.stderr)
         return 1
-    for key, value in results.items():
-        print(f"    {key:15s}: {value:.6g}")
-    output = config.checkpoint_path.with_name(config.checkpoint_path.stem + ".test.json")
-    output.write_text(json.dumps({"checkpoint": str(config.checkpoint_path), **results}, indent=2) + "\n")
-    print(f"Results written to {output}")
+    finally:
+        distributed.destroy_process_group()
+    if distributed.env_rank() == 0:  # every rank computed the same all-reduced results
+        for key, value in results.items():
+            print(f"    {key:15s}: {value:.6g}")
+        output = config.checkpoint_path.with_name(config.checkpoint_path.stem + ".test.json")
+        output.write_text(json.dumps({"checkpoint": str(config.checkpoint_path), **results}, indent=2) + "\n")
+        print(f"Results written to {output}")
     return 0
 
 

@@ -25,7 +25,7 @@ from logger import FILE_ONLY, buffer_early_records, flush_early_records, setup_l
 from parse_config import Config, parse_args
 from trainer import Trainer
 from trainer import options as project_options
-from utils import user_code
+from utils import distributed, user_code
 from utils.checkpoint import load_matching_weights, load_state_dict_file
 from utils.device import prepare_device
 from utils.errors import ConfigError, TrainingError, TrainingInterrupted
@@ -154,7 +154,7 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     """Every object the run needs. Reads files only, so a bad config still leaves nothing behind."""
     seed_everything(config["seed"])
     set_determinism(config.trainer["deterministic"])
-    device, device_ids = prepare_device(config["n_gpu"])
+    device, _ = prepare_device(config["n_gpu"])
     train_loader = build_loader(config, "data_loader")
     valid_loader = validation_loader(config, train_loader)
     model = build_model(config)
@@ -162,8 +162,11 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     init_counts = _init_from(model, init_from) if init_from and config.checkpoint is None else None
     check_precision(config.trainer["precision"], device)
     model = model.to(device, memory_format=torch.channels_last if config.trainer["channels_last"] else None)
-    if len(device_ids) > 1:
-        model = nn.DataParallel(model, device_ids=device_ids)
+    if distributed.is_distributed():  # wrapped after it is moved; compile wraps the DDP model
+        if config.trainer["sync_batchnorm"]:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                    else None)
     if config.trainer["compile"]:
         model = compiled(model, config.trainer["compile"])
     criterion, metrics = loss_and_metrics(config)
@@ -212,7 +215,20 @@ def changed_args(previous: dict, config: Config, key: str) -> list[tuple[str, An
 
 def claim_run_directory(config: Config) -> None:
     """Create the run directory atomically, so two runs never share one: a timestamp id that another run
-    took gets a suffix (_2, _3, ...); an existing directory is only reused by resuming its own checkpoint."""
+    took gets a suffix (_2, _3, ...); an existing directory is only reused by resuming its own checkpoint.
+    Under DDP rank 0 decides and every rank gets its answer."""
+    problem = None
+    if distributed.is_main():
+        try:
+            _claim(config)
+        except ConfigError as error:
+            problem = str(error)
+    config.run_id, problem = distributed.broadcast((config.run_id, problem))
+    if problem:
+        raise ConfigError(problem)
+
+
+def _claim(config: Config) -> None:
     if config.checkpoint_path is not None and config.checkpoint_path.parent.resolve() == config.run_dir.resolve():
         return
     config.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -240,10 +256,11 @@ def resolved_settings(config: Config, trainer: Trainer) -> dict[str, Any]:
 def _start_run(config: Config, trainer: Trainer, early: Any) -> None:
     claim_run_directory(config)
     trainer.set_run_directories(config.run_dir, config.log_dir)
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**config.data, "resolved": resolved_settings(config, trainer)}
-    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    setup_logging(config.log_dir, config.trainer["verbosity"], early)
+    if distributed.is_main():
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {**config.data, "resolved": resolved_settings(config, trainer)}
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    setup_logging(config.log_dir, config.trainer["verbosity"], early, main=distributed.is_main())
 
 
 def _log_start(config: Config, trainer: Trainer, init_counts: dict[str, int] | None) -> None:
@@ -291,15 +308,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if config.device_ids is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = config.device_ids
+        if config["n_gpu"] > 1 and torch.cuda.device_count() > 1 and not distributed.launched_by_torchrun():
+            return distributed.launch_local_processes(min(config["n_gpu"], torch.cuda.device_count()),
+                                                      sys.argv[1:] if argv is None else argv)
+        distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         trainer, init_counts = build_trainer(config)  # checks the checkpoint fits, writing nothing
         if finished(config):
-            print(finished(config))
+            if distributed.is_main():
+                print(finished(config))
             return 0
         _start_run(config, trainer, early)
         _log_start(config, trainer, init_counts)
         trainer.fit()
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if distributed.env_rank() == 0:  # every rank finds the same error: say it once
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         logger.error("%s", error, extra=FILE_ONLY)
@@ -315,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         flush_early_records(early)
+        distributed.destroy_process_group()
     return 0
 
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
+from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
 
@@ -16,26 +17,60 @@ def derived_seed(seed: int, epoch: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """Indices in an order fixed by (seed, epoch) alone; `skip` drops the first samples of the pass without
-    loading them, which is how a resumed run continues inside an epoch."""
+    """Indices in an order fixed by (seed, epoch) alone. Under DDP the order is cut into global batches of
+    batch_size x world_size and each rank takes its slice of each, so that N processes see, step by step,
+    the samples one process with an N times larger batch sees. A last global batch is split as evenly as
+    the ranks allow (it is dropped only when it holds fewer samples than there are ranks, since every rank
+    must take part in each step). `skip` drops the first samples of the pass without loading them: how a
+    resumed run continues inside an epoch, whatever the world size it ran with before."""
 
-    def __init__(self, indices: list[int], shuffle: bool, seed: int):
-        self.indices, self.shuffle, self.seed = indices, shuffle, seed
+    def __init__(self, indices: list[int], shuffle: bool, seed: int, batch_size: int = 1):
+        self.indices, self.shuffle, self.seed, self.batch_size = indices, shuffle, seed, batch_size
         self.epoch, self.skip = 0, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
             order = torch.randperm(len(self.indices), generator=generator).tolist()
         else:
-            order = range(len(self.indices))
-        return (self.indices[i] for i in order[self.skip:])
+            order = list(range(len(self.indices)))
+        order = order[self.skip:]
+        if self.world == 1:
+            return (self.indices[i] for i in order)
+        return (self.indices[i] for start in range(0, len(order), self.global_batch)
+                for i in self._slice(order[start:start + self.global_batch]))
+
+    def _slice(self, chunk: list[int]) -> list[int]:
+        if len(chunk) < self.world:
+            return []
+        bounds = [len(chunk) * r // self.world for r in range(self.world + 1)]
+        return chunk[bounds[self.rank]:bounds[self.rank + 1]]
+
+    def shard_weight(self, batch_in_pass: int) -> float:
+        """This rank's share of a step's samples times the world size: the loss weight under which DDP's
+        gradient average equals the mean over the global batch, an uneven last one included."""
+        if self.world == 1:
+            return 1.0
+        start = batch_in_pass * self.global_batch
+        size = min(self.global_batch, len(self.indices) - start)
+        return self.world * len(self._slice(list(range(size)))) / size
 
     def __len__(self) -> int:
-        return len(self.indices)
+        if self.world == 1:
+            return len(self.indices)
+        full, tail = divmod(len(self.indices), self.global_batch)
+        return full * self.batch_size + len(self._slice(list(range(tail))))
 
 
 class BaseDataLoader(DataLoader):
@@ -52,10 +87,13 @@ class BaseDataLoader(DataLoader):
             "batch_size": batch_size, "num_workers": workers, "collate_fn": collate_fn,
             "pin_memory": resolve_pin_memory(pin_memory), "persistent_workers": workers > 0,
         }
-        self.valid_sampler = EpochSampler(valid_indices, shuffle=False, seed=self.seed) if valid_indices else None
+        self.valid_sampler = EpochSampler(valid_indices, False, self.seed, batch_size) if valid_indices else None
         self.n_samples = len(train_indices)
-        super().__init__(dataset, sampler=EpochSampler(train_indices, shuffle, self.seed),
+        super().__init__(dataset, sampler=EpochSampler(train_indices, shuffle, self.seed, batch_size),
                          generator=torch.Generator(), **self.settings)
+        for sampler in (self.sampler, self.valid_sampler):
+            if sampler is not None:
+                sampler.shard(distributed.rank(), distributed.world_size())
 
     def _split(self, n_samples: int, split: float | int) -> tuple[list[int], list[int]]:
         if split == 0:
@@ -67,9 +105,9 @@ class BaseDataLoader(DataLoader):
         order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[n_valid:], order[:n_valid]
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Fix the order of pass `epoch` (and its workers' seeds), skipping batches already trained on."""
-        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        """Fix the order of pass `epoch` (and its workers' seeds), skipping the samples already trained on."""
+        self.sampler.set_epoch(epoch, skip_samples)
         self.generator.manual_seed(derived_seed(self.seed, epoch))
 
     def split_validation(self, dataset: Dataset | None = None) -> DataLoader | None:
@@ -101,12 +139,16 @@ class BatchStream:
         self.loader = loader
         self.exact = isinstance(loader, BaseDataLoader)
         self.pass_index, self.batches_done = 0, 0
+        self.resume_samples: int | None = None  # samples consumed, when a checkpoint's global batch differed
+        self.weight = 1.0  # the last batch's loss weight under DDP (EpochSampler.shard_weight)
         self._pass_rng: torch.Tensor | None = None
         self._iterator: Iterator | None = None
 
     def _start_pass(self) -> None:
         if self.exact:
-            self.loader.set_epoch(self.pass_index, self.batches_done)
+            skip = self.batches_done * self.loader.sampler.global_batch
+            self.loader.set_epoch(self.pass_index, self.resume_samples if self.resume_samples is not None else skip)
+            self.resume_samples = None
             self._iterator = iter(self.loader)
             return
         if self.batches_done == 0:
@@ -132,6 +174,8 @@ class BatchStream:
                     raise ConfigError("the training data loader yields no batches") from None
                 self._iterator, self.pass_index, self.batches_done = None, self.pass_index + 1, 0
                 continue
+            if self.exact:
+                self.weight = self.loader.sampler.shard_weight(self.batches_done)
             self.batches_done += 1
             return batch
 
@@ -139,7 +183,9 @@ class BatchStream:
         state = {"pass": self.pass_index, "batches_done": self.batches_done}
         return state if self.exact else {**state, "pass_rng": self._pass_rng}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, samples_per_batch: int | None = None) -> None:
+        """`samples_per_batch`: the global batch the checkpoint was written with, when it differs from now."""
         self.pass_index, self.batches_done = state["pass"], state["batches_done"]
+        self.resume_samples = self.batches_done * samples_per_batch if samples_per_batch else None
         self._pass_rng = state.get("pass_rng")
         self._iterator = None

@@ -1,6 +1,7 @@
 """BaseTrainer: the mechanics around the per-batch loop that users don't need to edit."""
 import copy
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,10 +19,11 @@ from utils.checkpoint import FORMAT_VERSION, load_model_state
 from utils.device import to_device
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
-from utils.seeding import rng_state, set_rng_state
+from utils import distributed
+from utils.seeding import rng_state, seed_everything, set_rng_state
 from utils.signals import StopRequest
 
-from .base_data_loader import BatchStream
+from .base_data_loader import BatchStream, derived_seed
 from .checkpointer import Checkpointer
 from .monitor import Monitor
 from .train_step import TrainStep, unwrap
@@ -58,7 +60,7 @@ class BaseTrainer:
         self.global_step, self.skipped_steps = 0, 0
         self.completed_epochs, self.batches_in_epoch = 0, 0  # where training stands: what a resume restores
         self._resumed, self._window_skipped, self._finite_through = False, False, 0
-        self._show_progress = options["progress_bar"] and sys.stderr.isatty()
+        self._show_progress = options["progress_bar"] and sys.stderr.isatty() and distributed.is_main()
         self._bar: tqdm | None = None
         self.writer = TensorboardWriter(self.log_dir, enabled=False)  # a no-op until fit() opens the real one
 
@@ -84,6 +86,9 @@ class BaseTrainer:
             "log dir": f"{shown_path(self.log_dir)} (info.log, metrics.csv"
                        f"{', TensorBoard' if self.options['tensorboard'] else ''})",
         }
+        if distributed.is_distributed():
+            rows["processes"] = (f"{distributed.world_size()} (DDP) x batch {self.data_loader.batch_size} = "
+                                 f"global batch {distributed.world_size() * self.data_loader.batch_size}")
         return run_header(f"Run {name}/{run_id}", rows)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -96,7 +101,9 @@ class BaseTrainer:
     def fit(self) -> None:
         """Train to `epochs`; a signal stops after the current step with checkpoint-last.pth written."""
         purge_step = self.global_step + 1 if self._resumed else None  # drop what a killed run logged later
-        self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"], purge_step, csv_enabled=True)
+        main = distributed.is_main()  # rank 0 writes; every rank computes
+        self.writer = TensorboardWriter(self.log_dir, self.options["tensorboard"] and main, purge_step,
+                                        csv_enabled=main)
         self.writer.add_run_description(yaml.safe_dump(self.config, sort_keys=False), self.train_metrics.names)
         started, log = time.monotonic(), {}
         try:
@@ -160,7 +167,9 @@ class BaseTrainer:
         with tqdm(total=self.len_epoch, initial=start, desc=f"epoch {epoch}/{self.epochs}", leave=False,
                   disable=not self._show_progress, dynamic_ncols=True) as self._bar:
             for batch_idx in range(start, self.len_epoch):
-                yield batch_idx, next(self.batches)
+                batch = next(self.batches)
+                self.step.batch_weight = self.batches.weight
+                yield batch_idx, batch
                 self._bar.update()
 
     def to_device(self, data: Any, target: Any) -> tuple[Any, Any]:
@@ -206,7 +215,7 @@ class BaseTrainer:
         if batch_idx == 0 and self.options["tensorboard_images"]:
             self.writer.add_image_grid("input", data, self.global_step)
         self.checkpointer.maybe_save_step(self.state, self.global_step)
-        self._stop_if_requested()
+        self._stop_if_requested(agree=self.global_step % self.log_step == 0)
 
     def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor) -> None:
         self._raise_if_nonfinite(epoch)
@@ -218,12 +227,20 @@ class BaseTrainer:
             self._bar.set_postfix(loss=f"{value:.4f}")
         logger.info("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value, extra=FILE_ONLY)
 
-    def _stop_if_requested(self) -> None:
-        if self.stop_request.signal is None:
+    def _stop_if_requested(self, agree: bool = True) -> None:
+        """Stop after saving when a signal came. Under DDP a signal to any rank stops them all at the same
+        step: they agree on logging steps and epoch ends (a collective), never in between."""
+        requested = self.stop_request.signal is not None
+        if distributed.is_distributed():
+            if not agree:
+                return
+            requested = distributed.any_rank(requested, self.device)
+        if not requested:
             return
         path = self.checkpointer.save_last(self.state())
-        raise TrainingInterrupted(128 + self.stop_request.signal,
-                                  f"Stopped by {self.stop_request.name}; resume with: python train.py --resume {path}")
+        number = self.stop_request.signal or signal.SIGTERM
+        raise TrainingInterrupted(128 + number, f"Stopped by {signal.Signals(number).name}; resume with: "
+                                                f"python train.py --resume {path}")
 
     # ---- checkpoints ----
     @property
@@ -252,6 +269,8 @@ class BaseTrainer:
             "metrics": self.train_metrics.state_dict(),
             "data_order": self.batches.state_dict(),
             "rng": rng_state(),
+            "rng_per_rank": distributed.gather(rng_state()) if distributed.is_distributed() else None,
+            "world_size": distributed.world_size(),
             "config": self.config,
         }
 
@@ -270,6 +289,29 @@ class BaseTrainer:
             logger.warning("Fine-tuning: %s.args.%s cannot be changed on a restored %s; it keeps the checkpoint's "
                            "value", section, name, section)
 
+    def _previous_global_batch(self, checkpoint: dict) -> int | None:
+        """The samples per step the checkpoint was written with, when the world size changed since."""
+        previous = checkpoint.get("world_size", 1)
+        sampler = getattr(self.data_loader, "sampler", None)
+        if previous == distributed.world_size() or not hasattr(sampler, "global_batch"):
+            return None
+        batch = ((checkpoint.get("config") or {}).get("data_loader", {}).get("args") or {}).get("batch_size")
+        return previous * (batch or sampler.batch_size)
+
+    def _restore_rng(self, checkpoint: dict) -> None:
+        """Each rank continues its own RNG stream; with another world size the streams cannot continue, so
+        they are derived anew from the seed, the step and the rank (the log says so, once)."""
+        previous = checkpoint.get("world_size", 1)
+        if previous == distributed.world_size():
+            per_rank = checkpoint.get("rng_per_rank")
+            set_rng_state(per_rank[distributed.rank()] if per_rank else checkpoint["rng"])
+            return
+        logger.warning("Resuming %d processes from a checkpoint of %d: the data continues at the next unseen "
+                       "sample, but the run cannot be bit-identical (reductions run in another order); RNGs are "
+                       "derived anew from the seed and step", distributed.world_size(), previous)
+        step_and_rank = checkpoint["global_step"] * 4096 + distributed.rank()
+        seed_everything(derived_seed(self.config.get("seed", 0), step_and_rank))
+
     def restore(self, checkpoint: dict, source: Path, keep_optimizer: bool = True, keep_scheduler: bool = True) -> None:
         """Continue where `checkpoint` stopped. Call it last before fit(): it sets the global RNGs."""
         load_model_state(self.unwrapped_model, checkpoint["state_dict"], source)
@@ -281,11 +323,11 @@ class BaseTrainer:
             self.monitor.best, self.monitor.not_improved = checkpoint["monitor_best"], checkpoint["not_improved_count"]
             self.monitor.best_epoch = checkpoint.get("monitor_best_epoch")
             self.train_metrics.load_state_dict(checkpoint["metrics"], self.device)
-            self.batches.load_state_dict(checkpoint["data_order"])
+            self.batches.load_state_dict(checkpoint["data_order"], self._previous_global_batch(checkpoint))
             self.completed_epochs, self.batches_in_epoch = checkpoint["epoch"], checkpoint["batches_in_epoch"]
             self.global_step, self.skipped_steps = checkpoint["global_step"], checkpoint["skipped_steps"]
             self.step.load_state_dict(checkpoint.get("step") or {}, checkpoint.get("ema_state_dict"))
-            set_rng_state(checkpoint["rng"])
+            self._restore_rng(checkpoint)
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{source}: cannot resume from it: {type(error).__name__}: {error}") from None
         self._resumed = True

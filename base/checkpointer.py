@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Callable
 
 from logger import FILE_ONLY
+from utils import distributed
 from utils.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -18,12 +19,15 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, save_period: int, keep_last: int, save_every_steps: int):
         self.run_dir = Path(run_dir)
+        self.writes = distributed.is_main()  # under DDP every rank builds the state (it gathers), rank 0 writes
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
 
     def save_epoch(self, make_state: Callable[[], dict], epoch: int, improved: bool) -> None:
         if epoch % self.save_period and not improved:
             return
         state = make_state()
+        if not self.writes:
+            return
         if epoch % self.save_period == 0:
             path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
             save_checkpoint(state, path)
@@ -39,7 +43,8 @@ class Checkpointer:
 
     def save_last(self, state: dict) -> Path:
         path = self.run_dir / LAST
-        save_checkpoint(state, path)
+        if self.writes:
+            save_checkpoint(state, path)
         return path
 
     def _prune(self) -> None:

@@ -159,6 +159,7 @@ TRAINER = {
     "ema": Option(_ema, None, "{decay: 0.999}: validate, pick model_best and test with an EMA of the weights"),
     "compile": Option(_compile, False, "torch.compile the model: true, or its arguments {mode, fullgraph, ...}"),
     "channels_last": Option(_boolean, False, "channels_last memory format for the model and image batches"),
+    "sync_batchnorm": Option(_boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"),
 }
 LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
 SECTION_KEYS = {"arch": ("type", "args", "init", "init_from"), "optimizer": ("type", "args"),

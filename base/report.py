@@ -23,7 +23,8 @@ def describe_data(name: str, loader: DataLoader | None) -> str:
         batches = len(loader)
     except TypeError:  # an IterableDataset without a length
         batches = None
-    return f"{name} {samples if samples is not None else '?'} samples in {batches or '?'} batches of {loader.batch_size}"
+    shown = samples if samples is not None else "?"
+    return f"{name} {shown} samples in {batches or '?'} batches of {loader.batch_size}"
 
 
 def parameter_counts(model: nn.Module) -> str:
@@ -50,7 +51,8 @@ def run_summary(seconds: float, epochs_done: int, stopped_early: bool, monitor: 
     lines = [f"Done: {how} in {_duration(seconds)}."]
     best = run_dir / "model_best.pth"
     if monitor.metric and monitor.best_epoch is not None:
-        lines.append(f"  best      {monitor.metric} {monitor.best:.4g} at epoch {monitor.best_epoch}: {shown_path(best)}")
+        lines.append(f"  best      {monitor.metric} {monitor.best:.4g} at epoch {monitor.best_epoch}: "
+                     f"{shown_path(best)}")
     last = run_dir / "checkpoint-last.pth"
     lines.append(f"  last      {shown_path(last)}")
     evaluated = best if monitor.metric and best.exists() else last

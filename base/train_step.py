@@ -42,6 +42,7 @@ class TrainStep:
             self.ema = AveragedModel(unwrap(model), device=device, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
             self.ema.requires_grad_(False)
         self.ema_updates = 0  # counted on the host: AveragedModel reads its device counter back every update
+        self.batch_weight = 1.0  # under DDP, this rank's share of an uneven last batch (EpochSampler.shard_weight)
 
     @contextlib.contextmanager
     def accumulating(self, batch_idx: int) -> Iterator[None]:
@@ -68,6 +69,7 @@ class TrainStep:
         """Backward of the loss divided by the window's batch count, so that the window's update equals one
         batch that many times larger."""
         scaled = loss / self.window_size(batch_idx) if self.accumulate > 1 else loss
+        scaled = scaled * self.batch_weight if self.batch_weight != 1.0 else scaled
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
     def update(self, optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
@@ -111,8 +113,14 @@ class TrainStep:
 
     @property
     def eval_model(self) -> nn.Module:
-        """What validation, model_best.pth and test.py judge: the EMA weights when on, else the model."""
-        return self.ema.module if self.ema is not None and self.ema_updates else self.model
+        """What validation, model_best.pth and test.py judge: the EMA weights when on, else the model (outside
+        its DDP wrapper, whose forward would wait for the other ranks at every batch)."""
+        if self.ema is not None and self.ema_updates:
+            return self.ema.module
+        return unwrap(self.model) if isinstance(self._inner(), nn.parallel.DistributedDataParallel) else self.model
+
+    def _inner(self) -> nn.Module:
+        return getattr(self.model, "_orig_mod", self.model)
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler else None, "ema_updates": self.ema_updates}

@@ -41,10 +41,16 @@ def flush_early_records(buffer: logging.handlers.MemoryHandler) -> None:
     buffer.buffer.clear()
 
 
-def setup_logging(log_dir: Path, verbosity: int = 2, early: logging.handlers.MemoryHandler | None = None) -> None:
+def setup_logging(log_dir: Path, verbosity: int = 2, early: logging.handlers.MemoryHandler | None = None,
+                  main: bool = True) -> None:
     """Configure logging; called once by an entry script after the config is validated. Records held by
-    `early` are replayed through the new handlers."""
+    `early` are replayed through the new handlers. A DDP rank other than 0 (`main` false) writes no file
+    and shows warnings and errors only."""
     config = yaml.safe_load(_CONFIG_FILE.read_text())
+    if not main:
+        del config["handlers"]["info_file_handler"]
+        config["root"]["handlers"] = ["console"]
+        verbosity = 0
     for handler in config["handlers"].values():
         if "filename" in handler:
             handler["filename"] = str(Path(log_dir) / handler["filename"])

@@ -5,16 +5,21 @@ from typing import Any
 
 import torch
 
+from . import distributed
+
 logger = logging.getLogger(__name__)
 
 
 def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
-    """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not."""
+    """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not. Under
+    torchrun each process uses the GPU of its LOCAL_RANK."""
     available = torch.cuda.device_count()
     if n_gpu > available:
         logger.warning("n_gpu is %d but %d GPU(s) are available here; training on %s",
                        n_gpu, available, f"{available} GPU(s)" if available else "the CPU")
         n_gpu = available
+    if n_gpu > 0 and distributed.launched_by_torchrun():
+        return torch.device(f"cuda:{distributed.local_rank()}"), [distributed.local_rank()]
     return torch.device("cuda:0" if n_gpu > 0 else "cpu"), list(range(n_gpu))
 
 

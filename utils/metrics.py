@@ -5,6 +5,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import distributed
+
 logger = logging.getLogger(__name__)
 
 
@@ -13,9 +15,9 @@ class MetricTracker:
     read; Python numbers (pytorch-template's metrics return them) are summed on the host. Also keeps
     pytorch-template's interface: `MetricTracker(*keys, writer=None)`, `update`, `avg`, `result`."""
 
-    def __init__(self, *keys: str, writer: Any = None):
+    def __init__(self, *keys: str, writer: Any = None, device: torch.device | None = None):
         self.keys = list(keys)
-        self.writer = writer
+        self.writer, self.device = writer, device
         self.reset()
 
     def reset(self) -> None:
@@ -34,13 +36,18 @@ class MetricTracker:
             self._sums[key] = value.detach().float() * n + (total or 0.0)
         self._counts[key] += n
 
+    def totals(self) -> torch.Tensor:
+        """Sums then counts of every key, summed over DDP ranks: the one tensor an epoch reads back."""
+        device = next((s.device for s in self._sums.values() if isinstance(s, torch.Tensor)), self.device)
+        sums = [torch.as_tensor(0.0 if total is None else total, dtype=torch.float32, device=device)
+                for total in self._sums.values()]
+        counts = torch.tensor([float(self._counts[key]) for key in self.keys], device=device)
+        return distributed.all_reduce_sum(torch.cat([torch.stack(sums), counts]) if sums else counts)
+
     def result(self) -> dict[str, float]:
-        seen = [key for key in self.keys if self._counts[key]]
-        on_device = [key for key in seen if isinstance(self._sums[key], torch.Tensor)]
-        means = {}
-        if on_device:
-            means = dict(zip(on_device, torch.stack([self._sums[k] / self._counts[k] for k in on_device]).tolist()))
-        return {key: means[key] if key in means else self._sums[key] / self._counts[key] for key in seen}
+        values = self.totals().tolist() if self.keys else []
+        sums, counts = values[: len(self.keys)], values[len(self.keys):]
+        return {key: total / count for key, total, count in zip(self.keys, sums, counts) if count}
 
     def avg(self, key: str) -> float:
         return self.result()[key]
@@ -71,7 +78,7 @@ class EpochMetrics:
         self.names = ["loss", *metrics]
         self.stateful = {name: metric for name, metric in metrics.items() if is_stateful(metric)}
         self.per_batch = {name: metric for name, metric in metrics.items() if name not in self.stateful}
-        self.tracker = MetricTracker("loss", *self.per_batch)
+        self.tracker = MetricTracker("loss", *self.per_batch, device=device)
         for metric in self.stateful.values():
             if callable(getattr(metric, "persistent", None)):  # torchmetrics keeps its state out of state_dict()
                 metric.persistent(True)
@@ -93,9 +100,9 @@ class EpochMetrics:
             metric.update(output, target)
 
     def loss_is_finite(self) -> bool:
-        """One host sync: the loss sum turns nan or inf with any non-finite batch loss."""
-        total = self.tracker._sums["loss"]
-        return total is None or bool(torch.isfinite(torch.as_tensor(total)))
+        """One host sync (an all-reduce under DDP, so that every rank decides alike): the loss sum turns nan
+        or inf with any non-finite batch loss."""
+        return bool(torch.isfinite(self.tracker.totals()[0]))
 
     def result(self) -> dict[str, float]:
         values = self.tracker.result()
