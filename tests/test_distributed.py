@@ -101,7 +101,7 @@ def test_a_bad_config_under_torchrun_is_one_line_on_every_rank(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path))
     status, out, err = _finish(_torchrun(tmp_path, 2, "-c", str(path), "optimizer.type=Adamm"))
     assert status != 0
-    expected = (f"error: override 'optimizer.type=Adamm': optimizer.type: unknown type 'Adamm' in torch.optim "
+    expected = ("error: override 'optimizer.type=Adamm': optimizer.type: unknown type 'Adamm' in torch.optim "
                 "(did you mean 'Adam'?)")
     assert (out + err).count(expected) == 1
     assert "exitcode  : 2" in err, "every rank exits 2"

@@ -166,7 +166,7 @@ def test_checkpoints_load_with_compile_on_or_off(tmp_path, first, second):
     run = _train(tmp_path, "first", config)
     checkpoint = load(run / "checkpoint-last.pth")
     assert not [key for key in checkpoint["state_dict"] if "_orig_mod" in key]
-    override = f"trainer.compile={{backend: eager}}" if second else "trainer.compile=false"
+    override = "trainer.compile={backend: eager}" if second else "trainer.compile=false"
     assert train.main(["-r", str(run / "checkpoint-last.pth"), "--run-id", "second", "trainer.epochs=2",
                        override]) == 0
     assert test_script.main(["-r", str(run_dir(tmp_path, "second") / "checkpoint-last.pth")]) == 0
