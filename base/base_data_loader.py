@@ -1,7 +1,9 @@
 """BaseDataLoader: seeded validation split and a data order that can be resumed at any batch."""
 import inspect
+import random
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
@@ -16,6 +18,48 @@ def derived_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**63
 
 
+def _seed_sample(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
+
+
+class SeededSamples(Dataset):
+    """Wraps a BaseDataLoader's dataset so that every random draw made while loading a sample (python's,
+    numpy's and torch's global RNGs: what torchvision's random transforms use) depends on (run seed, pass,
+    sample index) alone. A sample's augmentation is then the same whichever worker loads it, whatever
+    num_workers, and whether or not the run was resumed. In the main process the global RNGs are put back
+    after each batch, so that loading does not disturb dropout's stream. A dataset that draws from its own
+    generator keeps doing so (pass per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:  # the user's dataset attributes stay reachable as loader.dataset.x
+        if name in ("dataset", "seed"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        in_main_process = torch.utils.data.get_worker_info() is None
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main_process else None
+        samples = []
+        for pass_index, index in keys:
+            _seed_sample((derived_seed(self.seed, pass_index) * 1_000_033 + index) % 2**63)
+            samples.append(self.dataset[index])
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+        return samples
+
+
 class EpochSampler(Sampler[int]):
     """Indices in an order fixed by (seed, epoch) alone. Under DDP the order is cut into global batches of
     batch_size x world_size and each rank takes its slice of each, so that N processes see, step by step,
@@ -24,8 +68,9 @@ class EpochSampler(Sampler[int]):
     must take part in each step). `skip` drops the first samples of the pass without loading them: how a
     resumed run continues inside an epoch, whatever the world size it ran with before."""
 
-    def __init__(self, indices: list[int], shuffle: bool, seed: int, batch_size: int = 1):
+    def __init__(self, indices: list[int], shuffle: bool, seed: int, batch_size: int = 1, keyed: bool = False):
         self.indices, self.shuffle, self.seed, self.batch_size = indices, shuffle, seed, batch_size
+        self.keyed = keyed  # yield (pass, index) for SeededSamples
         self.epoch, self.skip = 0, 0
         self.rank, self.world = 0, 1
 
@@ -46,10 +91,12 @@ class EpochSampler(Sampler[int]):
         else:
             order = list(range(len(self.indices)))
         order = order[self.skip:]
-        if self.world == 1:
-            return (self.indices[i] for i in order)
-        return (self.indices[i] for start in range(0, len(order), self.global_batch)
-                for i in self._slice(order[start:start + self.global_batch]))
+        if self.world > 1:
+            order = [i for start in range(0, len(order), self.global_batch)
+                     for i in self._slice(order[start:start + self.global_batch])]
+        if self.keyed:
+            return ((self.epoch, self.indices[i]) for i in order)
+        return (self.indices[i] for i in order)
 
     def _slice(self, chunk: list[int]) -> list[int]:
         if len(chunk) < self.world:
@@ -79,21 +126,26 @@ class BaseDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
                  num_workers: int | str = "auto", collate_fn: Callable = default_collate,
-                 pin_memory: bool | str = "auto", seed: int | None = None):
+                 pin_memory: bool | str = "auto", seed: int | None = None, per_sample_seeds: bool = True):
         self.seed = torch.initial_seed() if seed is None else seed  # train.py seeds torch before building
+        self.per_sample_seeds = per_sample_seeds
         train_indices, valid_indices = self._split(len(dataset), validation_split)
         workers = resolve_num_workers(num_workers)
         self.settings: dict[str, Any] = {
             "batch_size": batch_size, "num_workers": workers, "collate_fn": collate_fn,
             "pin_memory": resolve_pin_memory(pin_memory), "persistent_workers": workers > 0,
         }
-        self.valid_sampler = EpochSampler(valid_indices, False, self.seed, batch_size) if valid_indices else None
+        keyed = per_sample_seeds
+        self.valid_sampler = EpochSampler(valid_indices, False, self.seed, batch_size, keyed) if valid_indices else None
         self.n_samples = len(train_indices)
-        super().__init__(dataset, sampler=EpochSampler(train_indices, shuffle, self.seed, batch_size),
-                         generator=torch.Generator(), **self.settings)
+        train_sampler = EpochSampler(train_indices, shuffle, self.seed, batch_size, keyed)
+        super().__init__(self._seeded(dataset), sampler=train_sampler, generator=torch.Generator(), **self.settings)
         for sampler in (self.sampler, self.valid_sampler):
             if sampler is not None:
                 sampler.shard(distributed.rank(), distributed.world_size())
+
+    def _seeded(self, dataset: Dataset) -> Dataset:
+        return SeededSamples(dataset, self.seed) if self.per_sample_seeds else dataset
 
     def _split(self, n_samples: int, split: float | int) -> tuple[list[int], list[int]]:
         if split == 0:
@@ -116,7 +168,8 @@ class BaseDataLoader(DataLoader):
         if self.valid_sampler is None:
             return None
         generator = torch.Generator().manual_seed(self.seed)  # worker seeds, kept off the global RNG
-        return DataLoader(dataset or self.dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
+        dataset = self._seeded(dataset) if dataset is not None else self.dataset
+        return DataLoader(dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
 
 
 def split_loader_args(args: dict) -> tuple[dict, dict]:
