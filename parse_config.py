@@ -18,14 +18,17 @@ from typing import Any, Callable
 
 import yaml
 
-from base.config_validation import TRANSFORM_ARGS, validate
+from base.config_validation import TRANSFORM_ARGS, untrusted_downloads_off, validate
 from base.options import REQUIRED, TOP_LEVEL, TRAINER, WRITTEN_ONLY, Option, upgrade_legacy_schema
 from logger import setup_logging
 from utils.checkpoint import load_checkpoint
-from utils.errors import ConfigError
+from utils.errors import CheckpointError, ConfigError
 from utils.type_lookup import Lookup, resolve_type
 from utils.user_code import raised_in_user_code
 from utils.util import write_json
+
+logger = logging.getLogger(__name__)
+
 
 class FloatSafeLoader(yaml.SafeLoader):
     """yaml.SafeLoader that reads `1e-3` as a float: YAML 1.1 would make it the string '1e-3'."""
@@ -136,6 +139,7 @@ class Config:
     user_data: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     explicit_run_id: bool = False
+    allow_inexact: bool = False
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -298,8 +302,23 @@ def make_arg_parser(description: str, project: dict[str, Option] | None = None) 
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--trust-checkpoint-config", action="store_true",
                         help="let the config inside the checkpoint name any type; only for checkpoints you made")
+    parser.add_argument("--allow-inexact-resume", action="store_true",
+                        help="resume from a checkpoint whose RNG or data-order state is missing or damaged (logged)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. trainer.epochs=5")
     return parser
+
+
+def newest_good_checkpoint(path: Path) -> tuple[Path, dict]:
+    """A checkpoint file, or a run directory's newest checkpoint that is intact: a damaged newest one is
+    skipped with a warning."""
+    if not path.is_dir():
+        return path, load_checkpoint(path)
+    for candidate in sorted(path.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return candidate, load_checkpoint(candidate)
+        except CheckpointError as error:
+            logger.warning("%s; falling back to the next newest checkpoint", error)
+    raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
 
 
 def newest_checkpoint(path: Path) -> Path:
@@ -330,8 +349,7 @@ def parse_args(argv: list[str] | None, lookups: dict[str, Lookup], description: 
         raise ConfigError("give a config file with -c FILE, or a checkpoint to resume with -r CHECKPOINT")
     checkpoint, checkpoint_path, data, user_data = None, None, {}, {}
     if args.resume:
-        checkpoint_path = newest_checkpoint(Path(args.resume))
-        checkpoint = load_checkpoint(checkpoint_path)
+        checkpoint_path, checkpoint = newest_good_checkpoint(Path(args.resume))
         data = checkpoint.get("config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{checkpoint_path}: its 'config' is not a mapping")
@@ -349,12 +367,14 @@ def parse_args(argv: list[str] | None, lookups: dict[str, Lookup], description: 
     trust_all = args.trust_checkpoint_config or not args.resume
     config = Config(deep_merge(data, user_data), source, args.run_id or "", leaf_paths(user_data), trust_all,
                     allowed, checkpoint, checkpoint_path, args.device, args.print_config, user_data=user_data,
-                    overrides=overrides, explicit_run_id=bool(args.run_id))
+                    overrides=overrides, explicit_run_id=bool(args.run_id),
+                    allow_inexact=args.allow_inexact_resume)
     errors, notices = validate(config.data, lookups, config.is_trusted, allowed, project)
     if isinstance(config.data.get("name"), str) and _check_path_name(config.data["name"]):
         errors.append(("name", _check_path_name(config.data["name"])))
     if errors:
         raise ConfigError("\n".join(_located(source, overrides, path, problem) for path, problem in errors))
+    notices += untrusted_downloads_off(config.data, config.is_trusted)
     config.notices = [f"{source}: {notice}" for notice in legacy] + [
         _located(source, overrides, path, problem) for path, problem in notices]
     config.data = with_defaults(config.data, project)

@@ -197,7 +197,8 @@ def _restore(trainer: Trainer, config: Config) -> None:
     for key, kept in same.items():
         if not kept:
             logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
-    trainer.restore(config.checkpoint, config.checkpoint_path, same["optimizer"], same["lr_scheduler"])
+    trainer.restore(config.checkpoint, config.checkpoint_path, same["optimizer"], same["lr_scheduler"],
+                    config.allow_inexact)
     for key in ("optimizer", "lr_scheduler"):
         if same[key]:
             for name, old, new in changed_args(previous, config, key):

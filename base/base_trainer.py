@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from logger import FILE_ONLY, TensorboardWriter
 from utils.checkpoint import FORMAT_VERSION, load_model_state
+from utils.checkpoint_check import EXACT_RESUME_PARTS, part_ok, check_fields, check_optimizer_fits
 from utils.device import to_device
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
@@ -312,11 +313,22 @@ class BaseTrainer:
         step_and_rank = checkpoint["global_step"] * 4096 + distributed.rank()
         seed_everything(derived_seed(self.config.get("seed", 0), step_and_rank))
 
-    def restore(self, checkpoint: dict, source: Path, keep_optimizer: bool = True, keep_scheduler: bool = True) -> None:
-        """Continue where `checkpoint` stopped. Call it last before fit(): it sets the global RNGs."""
+    def restore(self, checkpoint: dict, source: Path, keep_optimizer: bool = True, keep_scheduler: bool = True,
+                allow_inexact: bool = False) -> None:
+        """Continue where `checkpoint` stopped. Call it last before fit(): it sets the global RNGs. Every field
+        is checked first, so that a bad file is one line and nothing is written."""
+        check_fields(checkpoint, source, allow_inexact)
         load_model_state(self.unwrapped_model, checkpoint["state_dict"], source)
+        if self.step.ema is not None and checkpoint.get("ema_state_dict") is not None:
+            load_model_state(self.step.ema.module, checkpoint["ema_state_dict"], source)
+        if allow_inexact and not all(part_ok(key, checkpoint.get(key)) for key in EXACT_RESUME_PARTS):
+            logger.warning("%s: its RNG or data-order state is missing: continuing inexactly "
+                           "(--allow-inexact-resume), from the start of epoch %d", source, checkpoint["epoch"] + 1)
+            checkpoint = {**checkpoint, "rng": rng_state(), "batches_in_epoch": 0,
+                          "data_order": {"pass": checkpoint["epoch"], "batches_done": 0}}
         try:
             if keep_optimizer:
+                check_optimizer_fits(checkpoint["optimizer"], self.optimizer, source)
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
             if keep_scheduler and self.lr_scheduler is not None and checkpoint.get("lr_scheduler"):
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])

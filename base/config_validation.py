@@ -13,8 +13,8 @@ from utils.type_lookup import Lookup, check_arguments, close_match, closest, res
 
 from .base_data_loader import BaseDataLoader, split_loader_args
 from .monitor import parse_monitor
-from .options import (ARCH_EXTRAS, KNOWN_ALIASES, LOADER_SECTIONS, METRIC_KEYS, REQUIRED, RUNTIME_ARGS, SECTION_KEYS,
-                      TOP_LEVEL, TRAINER, Option, string_list)
+from .options import (ARCH_EXTRAS, KNOWN_ALIASES, LOADER_SECTIONS, METRIC_KEYS, NETWORK_ARGS, REQUIRED, RUNTIME_ARGS,
+                      SECTION_KEYS, TOP_LEVEL, TRAINER, Option, string_list)
 
 Checker = Callable[[str], bool]
 TRANSFORM_ARGS = ("transforms", "transform", "target_transform")
@@ -57,9 +57,37 @@ def validate(data: dict, lookups: dict[str, Lookup], trusted: Checker, allowed: 
         names = [metric_name(spec) for spec in data["metrics"] if isinstance(spec, str) or "type" in spec]
         errors += [(f"metrics[{i}]", f"the name '{n}' is used twice; give one of them a `name`")
                    for i, n in enumerate(names) if n in names[:i]]
+    errors += _check_downloads(data, trusted)
     if not errors:
         errors += _check_monitor(data, lookups) + _check_scheduler(data, lookups)
     return errors, notices
+
+
+def untrusted_downloads_off(data: dict, trusted: Checker) -> list[tuple[str, str]]:
+    """Turn off dataset downloads a checkpoint's config asks for, in place; a notice for each."""
+    notices = []
+    for section in LOADER_SECTIONS:
+        args = (data.get(section) or {}).get("args") if isinstance(data.get(section), dict) else None
+        path = f"{section}.args.download"
+        if isinstance(args, dict) and args.get("download") and not trusted(path):
+            args["download"] = False
+            notices.append((path, f"turned off: a checkpoint's config may not make torchkiln download; pass "
+                                  f"{path}=true to allow it"))
+    return notices
+
+
+def _check_downloads(data: dict, trusted: Checker) -> list[tuple[str, str]]:
+    """A checkpoint's config may not make torchkiln reach the network (pretrained weights, dataset downloads)."""
+    errors = []
+    for section in ("arch",):
+        args = (data.get(section) or {}).get("args") if isinstance(data.get(section), dict) else None
+        for key in NETWORK_ARGS:
+            path = f"{section}.args.{key}"
+            if isinstance(args, dict) and args.get(key) not in (None, False) and not trusted(path):
+                errors.append((path, f"{args[key]!r} would download, and it comes from a checkpoint's config: "
+                                     f"refused; set it yourself ({path}=false, or {path}={args[key]!r} if you want "
+                                     "the download) or pass --trust-checkpoint-config"))
+    return errors
 
 
 def _unknown_keys(data: dict, table: dict[str, Option], prefix: str,

@@ -22,11 +22,13 @@ class Option(NamedTuple):
     doc: str
 
 
-def integer(minimum: int) -> Callable[[Any], str | None]:
-    """An int (not a bool) of at least `minimum`."""
+def integer(minimum: int, maximum: int | None = None) -> Callable[[Any], str | None]:
+    """An int (not a bool) of at least `minimum` (and at most `maximum`)."""
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             return f"must be an integer >= {minimum}, not {value!r}"
+        if maximum is not None and value > maximum:
+            return f"must be an integer <= {maximum}, not {value!r}"
         return None
 
     return check
@@ -121,7 +123,7 @@ _section = of_type(dict, "a mapping with 'type' and 'args'")
 TOP_LEVEL = {
     "name": Option(of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"),
     "n_gpu": Option(integer(0), 1, "GPUs to use; fewer are used (with a warning) when fewer exist"),
-    "seed": Option(integer(0), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"),
+    "seed": Option(integer(0, 2**63 - 1), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"),
     "imports": Option(string_list, [], "packages a checkpoint's config may name types from (see SECURITY)"),
     "arch": Option(_section, REQUIRED, "the model: type, args, optional init and init_from"),
     "data_loader": Option(_section, REQUIRED, "training data: a DataLoader or Dataset type, args"),
@@ -162,6 +164,9 @@ TRAINER = {
     "sync_batchnorm": Option(_boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"),
 }
 LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
+# Arguments that make torchvision fetch weights from the network: a checkpoint's config may not set them
+# (a dataset's `download` from a checkpoint is turned off instead: present data still loads).
+NETWORK_ARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 SECTION_KEYS = {"arch": ("type", "args", "init", "init_from"), "optimizer": ("type", "args"),
                 "lr_scheduler": ("type", "args", "monitor"), **{key: ("type", "args") for key in LOADER_SECTIONS}}
 ARCH_EXTRAS = {

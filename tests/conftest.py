@@ -58,6 +58,16 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_consistent(state: dict, path: Path) -> Path:
+    """torch.save a changed checkpoint with its digests recomputed, as an attacker or a careful editor would:
+    what is tested next is what lies behind the content check."""
+    from utils.checkpoint_check import content_digests
+
+    state = {key: value for key, value in state.items() if key != "digests"}
+    torch.save({**state, "digests": content_digests(state)}, path)
+    return path
+
+
 def run_script(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run an entry script in a fresh interpreter, as a user would."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,

@@ -4,7 +4,7 @@ import torch
 
 import test as test_script
 import train
-from conftest import files_under, load, run_dir, tiny_config, write_config
+from conftest import files_under, load, run_dir, save_consistent, tiny_config, write_config
 from model.model import MnistModel
 
 
@@ -26,9 +26,7 @@ def checkpoint(tmp_path):
 def _damaged(checkpoint, tmp_path, name, change):
     state = load(checkpoint)
     change(state)
-    path = tmp_path / name
-    torch.save(state, path)
-    return path
+    return save_consistent(state, tmp_path / name)
 
 
 def _written(path, data):
@@ -53,9 +51,9 @@ def _mismatched(state):
      "{}: refused: not a torchkiln checkpoint, or unsafe: loading it would run code from the file; "
      "only load such a file with weights_only=False if you made it yourself"),
     (lambda c, d: torch.save({"weights": [1, 2]}, d / "other.pth") or d / "other.pth",
-     "{}: not a torchkiln checkpoint (no 'version' and 'state_dict' keys)"),
+     "{}: not a torchkiln checkpoint (no valid 'version' and 'state_dict')"),
     (lambda c, d: _damaged(c, d, "future.pth", lambda s: s.update(version=99)),
-     "{}: checkpoint format version 99 is newer than this torchkiln reads (1); update torchkiln to load it"),
+     "{}: checkpoint format version 99 is newer than this torchkiln reads (2); update torchkiln to load it"),
     (lambda c, d: _damaged(c, d, "misfit.pth", _mismatched),
      "{}: its state_dict does not fit the configured model: 1 missing: fc2.bias; 1 unexpected: extra.weight; "
      "1 shape-mismatched: fc1.weight (50, 10) vs model (50, 320)"),

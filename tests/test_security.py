@@ -5,7 +5,7 @@ import torch
 import new_project
 import test as test_script
 import train
-from conftest import ROOT, files_under, load, run_dir, tiny_config, write_config
+from conftest import ROOT, files_under, load, run_dir, save_consistent, tiny_config, write_config
 
 MARKER = "pwned"
 PAYLOAD = ["sh", "-c", f"touch {MARKER}"]
@@ -23,9 +23,7 @@ def checkpoint(tmp_path):
 def _poisoned(checkpoint, tmp_path, **config):
     state = load(checkpoint)
     state["config"].update(config)
-    path = tmp_path / "downloaded.pth"
-    torch.save(state, path)
-    return path
+    return save_consistent(state, tmp_path / "downloaded.pth")
 
 
 EVIL_PY = f"import subprocess\nsubprocess.run({PAYLOAD!r})\nimport torch\nclass Net(torch.nn.Module):\n    pass\n"

@@ -10,7 +10,7 @@ import test as test_script
 import train
 from base.checkpointer import Checkpointer
 from base.train_step import TrainStep
-from conftest import files_under, load, run_dir, tiny_config, write_config
+from conftest import files_under, load, run_dir, save_consistent, tiny_config, write_config
 
 LINEAR_NET = '''import torch
 
@@ -152,7 +152,7 @@ def test_ema_weights_are_what_validation_best_and_test_use(tmp_path, capsys):
     assert test_script.main(["-r", str(run / "model_best.pth")]) == 0
     ema_loss = float(capsys.readouterr().out.split("loss")[1].split(":")[1].split()[0])
     swapped = {**best, "eval_weights": "state_dict"}
-    torch.save(swapped, tmp_path / "raw.pth")
+    save_consistent(swapped, tmp_path / "raw.pth")
     assert test_script.main(["-r", str(tmp_path / "raw.pth")]) == 0
     raw_loss = float(capsys.readouterr().out.split("loss")[1].split(":")[1].split()[0])
     assert ema_loss != raw_loss

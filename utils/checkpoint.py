@@ -9,9 +9,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .checkpoint_check import DIGESTS, content_digests, first_nonfinite, verify_digests
 from .errors import CheckpointError, TrainingError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content digests
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -20,9 +21,10 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
     either the complete old file or the complete new one."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
+    state = {**state, DIGESTS: content_digests(state)}
     try:
         with open(temp, "wb") as file:
-            torch.save(dict(state), file)
+            torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
@@ -105,16 +107,19 @@ def _first_line(error: Exception) -> str:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a torchkiln checkpoint and check that this version can continue from it."""
+    """Load a torchkiln checkpoint, verify its content digests and check that this version can read it."""
     path = Path(path)
     state = _load_safely(path)
-    if not isinstance(state, dict) or not isinstance(state.get("version"), int) or "state_dict" not in state:
-        raise CheckpointError(f"{path}: not a torchkiln checkpoint (no 'version' and 'state_dict' keys)")
+    if not isinstance(state, dict) or "state_dict" not in state or not isinstance(state.get("version"), int) \
+            or isinstance(state["version"], bool) or state["version"] < 0:
+        raise CheckpointError(f"{path}: not a torchkiln checkpoint (no valid 'version' and 'state_dict')")
     if state["version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {state['version']} is newer than this torchkiln reads "
             f"({FORMAT_VERSION}); update torchkiln to load it"
         )
+    if not state.get("legacy"):
+        verify_digests(state, path)
     return state
 
 
@@ -155,7 +160,12 @@ def _describe(problems: Mapping[str, list[str]], own: Mapping[str, torch.Tensor]
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Load strictly, naming the first missing, unexpected and mis-shaped keys."""
+    """Load strictly, naming the first missing, unexpected and mis-shaped keys, or a tensor that is not finite."""
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{source}: its weights are not a state_dict of tensors")
+    bad = first_nonfinite(state_dict)
+    if bad:
+        raise CheckpointError(f"{source}: its weight '{bad}' holds nan or inf; resume from an earlier checkpoint")
     own = model.state_dict()
     problems = _compare(own, state_dict)
     if any(problems.values()):
