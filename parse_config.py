@@ -42,16 +42,29 @@ FloatSafeLoader.add_implicit_resolver(
 
 
 # ---- loading files and overrides ----
+MAX_CONFIG_BYTES = 1_000_000  # a config is a page of text; anything larger is not one
+MAX_CONFIG_NODES = 100_000  # after YAML aliases are expanded: refuses "billion laughs"
+MAX_CONFIG_DEPTH = 64
+
+
 def load_config_file(path: str | Path) -> dict:
-    """A config mapping from .yaml/.yml (safe loader) or .json."""
+    """A config mapping from .yaml/.yml (safe loader) or .json, of bounded size, depth and alias expansion."""
     path = Path(path)
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"{path}: a config file must end in .yaml, .yml or .json")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (at most "
+                          f"{MAX_CONFIG_BYTES:,})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
     try:
         data = json.loads(text) if path.suffix == ".json" and text.strip() else yaml.load(text, Loader=FloatSafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
     except yaml.YAMLError as error:
@@ -62,9 +75,31 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}{hint}") from None
     if data is None:
         raise ConfigError(f"{path}: the config file is empty")
+    problem = _oversized(data)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(data).__name__}")
     return data
+
+
+def _oversized(data: Any) -> str | None:
+    """Walk the loaded data as it will be used, with YAML aliases expanded: too many nodes (an alias bomb),
+    too deep, or a mapping that contains itself are not configs."""
+    count, stack = 0, [(data, 0, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            return f"expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases?); not a config"
+        if depth > MAX_CONFIG_DEPTH:
+            return f"nested more than {MAX_CONFIG_DEPTH} levels deep; not a config"
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)) and id(child) in path:
+                return "contains itself (a recursive YAML alias); not a config"
+            stack.append((child, depth + 1, path + (id(node),)))
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -82,6 +117,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", error)
         raise ConfigError(f"override '{text}': the value is not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"override '{text[:40]}...': the value is nested too deeply") from None
+    problem = _oversized(value)
+    if problem:
+        raise ConfigError(f"override '{text[:40]}': the value {problem}")
     return parts, value
 
 

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.print_only:
             print(yaml.safe_dump(config.data, sort_keys=False), end="")
             return 0
+        for notice in config.notices if distributed.env_rank() == 0 else ():
+            print(f"warning: {notice}", file=sys.stderr)
         seed_everything(config["seed"])
         distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         device, _ = prepare_device(min(config["n_gpu"], 1))

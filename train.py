@@ -4,6 +4,7 @@ import itertools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -232,7 +233,12 @@ def claim_run_directory(config: Config) -> None:
 def _claim(config: Config) -> None:
     if config.checkpoint_path is not None and config.checkpoint_path.parent.resolve() == config.run_dir.resolve():
         return
-    config.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        Path(config.trainer["save_dir"], "log").mkdir(exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{config.source}: trainer.save_dir: cannot write under '{config.trainer['save_dir']}' "
+                          f"({error.strerror or error}); choose a writable directory") from None
     first_choice = config.run_id
     for suffix in itertools.count(2):
         try:
@@ -334,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_status
     except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
         logger.error("The run crashed", exc_info=error, extra=FILE_ONLY)
-        print(f"error: {compile_failure(error)}" if compile_failure(error) else user_code.describe(error),
-              file=sys.stderr)
+        one_line = compile_failure(error) or user_code.worker_death(error)
+        print(f"error: {one_line}" if one_line else user_code.describe(error), file=sys.stderr)
         return 1
     finally:
         flush_early_records(early)

@@ -54,7 +54,8 @@ def validate(data: dict, lookups: dict[str, Lookup], trusted: Checker, allowed: 
     if isinstance(data.get("metrics"), list):
         for index, spec in enumerate(data["metrics"]):
             errors += _check_callable(spec, f"metrics[{index}]", lookups.get("metrics"), trusted, allowed, METRIC_KEYS)
-        names = [metric_name(spec) for spec in data["metrics"] if isinstance(spec, str) or "type" in spec]
+        names = [metric_name(spec) for spec in data["metrics"]
+                 if isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("type"), str))]
         errors += [(f"metrics[{i}]", f"the name '{n}' is used twice; give one of them a `name`")
                    for i, n in enumerate(names) if n in names[:i]]
     errors += _check_downloads(data, trusted)
@@ -190,6 +191,8 @@ def _check_callable(spec: Any, path: str, lookup: Lookup, trusted: Checker, allo
                     keys: tuple[str, ...]) -> list[tuple[str, str]]:
     """A loss or metric: a class is built once with its args; a function is called as f(output, target, **args)."""
     type_path = path if isinstance(spec, str) else f"{path}.type"
+    if not isinstance(spec, (str, dict)):
+        return [(path, f"must be a function or class name, or a mapping with 'type' and optional 'args', not {spec!r}")]
     if isinstance(spec, dict):
         unknown = [(f"{path}.{k}", f"unknown key{close_match(k, keys)}; use {', '.join(keys)}") for k in spec
                    if k not in keys]

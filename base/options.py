@@ -123,7 +123,8 @@ _section = of_type(dict, "a mapping with 'type' and 'args'")
 TOP_LEVEL = {
     "name": Option(of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"),
     "n_gpu": Option(integer(0), 1, "GPUs to use; fewer are used (with a warning) when fewer exist"),
-    "seed": Option(integer(0, 2**63 - 1), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"),
+    "seed": Option(integer(0, 2**63 - 1), 123,
+                   "seeds python, numpy, torch and CUDA, the data split and the data order"),
     "imports": Option(string_list, [], "packages a checkpoint's config may name types from (see SECURITY)"),
     "arch": Option(_section, REQUIRED, "the model: type, args, optional init and init_from"),
     "data_loader": Option(_section, REQUIRED, "training data: a DataLoader or Dataset type, args"),

@@ -127,6 +127,8 @@ def load_state_dict_file(path: Path) -> dict:
     """The model weights in a torchkiln checkpoint or in a plain `torch.save(model.state_dict())` file."""
     path = Path(path)
     state = _load_safely(path)
+    if isinstance(state, dict) and DIGESTS in state:  # a torchkiln checkpoint: verified like any other load
+        verify_digests(state, path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):

@@ -1,4 +1,4 @@
-"""Stop on SIGINT/SIGTERM at a safe point instead of dying mid-step."""
+"""Stop on SIGINT/SIGTERM/SIGHUP at a safe point instead of dying mid-step."""
 import os
 import signal
 import threading
@@ -9,7 +9,7 @@ class StopRequest:
     """While active, the first SIGINT/SIGTERM is only noted, so training can finish its step and save;
     a second one kills the process at once (atomic saves keep every checkpoint file whole)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
 
     def __init__(self) -> None:
         self.signal: int | None = None

@@ -55,3 +55,11 @@ def describe(error: BaseException) -> str:
     where = "".join(shown).rstrip().splitlines() + worker_lines[-2 * SHOWN_FRAMES:]
     summary = f"{type(error).__name__}: {last_line}" if not worker_lines else f"{headline} {last_line}"
     return "\n".join([f"error: {summary}", "in your code (most recent call last):", *where])
+
+
+def worker_death(error: BaseException) -> str | None:
+    """One line for a DataLoader worker that died (killed, out of memory, os._exit in a dataset)."""
+    if isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error):
+        return (f"{str(error).splitlines()[0]}; the last good checkpoint is kept (a worker dies when killed or out "
+                "of memory: try fewer num_workers, or num_workers: 0 to see the dataset's own error)")
+    return None
