@@ -6,7 +6,7 @@ from typing import Callable
 
 from logger import FILE_ONLY
 from utils import distributed
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import link_or_save, save_checkpoint
 
 logger = logging.getLogger(__name__)
 LAST = "checkpoint-last.pth"
@@ -28,14 +28,16 @@ class Checkpointer:
         state = make_state()
         if not self.writes:
             return
+        path = None
         if epoch % self.save_period == 0:
             path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
             save_checkpoint(state, path)
             logger.info("Saved %s", path, extra=FILE_ONLY)
-            self._prune()
-        if improved:
-            save_checkpoint(state, self.run_dir / BEST)
+        if improved:  # the same bytes: a second name for the epoch file rather than a second serialization
+            link_or_save(path, state, self.run_dir / BEST)
             logger.info("Saved %s (best so far)", self.run_dir / BEST, extra=FILE_ONLY)
+        if path is not None:
+            self._prune()
 
     def maybe_save_step(self, make_state: Callable[[], dict], global_step: int) -> None:
         if self.save_every_steps and global_step % self.save_every_steps == 0:

@@ -37,6 +37,22 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def link_or_save(existing: Path | None, state: Mapping[str, Any], path: Path) -> None:
+    """Give `existing` (a checkpoint of exactly `state`) a second name atomically, or save `state` anew when
+    there is none or the filesystem has no hard links."""
+    if existing is not None:
+        temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
+        try:
+            temp.unlink(missing_ok=True)
+            os.link(existing, temp)
+            os.replace(temp, path)
+            _fsync_directory(path.parent)
+            return
+        except OSError:
+            temp.unlink(missing_ok=True)
+    save_checkpoint(state, path)
+
+
 def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
