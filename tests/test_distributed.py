@@ -139,13 +139,18 @@ def test_sigterm_then_resume_on_two_processes_is_bit_identical(tmp_path, target)
     assert status != 0 and "Stopped by SIGTERM; resume with: python train.py --resume" in out + err
     stopped = load(run / "checkpoint-last.pth")
     assert stopped["epoch"] == 1 and 0 < stopped["batches_in_epoch"] < 50, "stopped during epoch 2"
-    status, _, err = _finish(_torchrun(tmp_path, 2, "-r", str(run / "checkpoint-last.pth")))
-    assert status == 0, err
-    expected, resumed = load(run_dir(tmp_path, "reference") / "checkpoint-last.pth"), load(run / "checkpoint-last.pth")
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][name]), name
-    for index, state in expected["optimizer"]["state"].items():
-        assert all(torch.equal(value, resumed["optimizer"]["state"][index][key]) for key, value in state.items())
+    starts = [(run / "checkpoint-last.pth", [])]  # mid-epoch 2
+    if target == "every-rank":
+        starts.append((run / "checkpoint-epoch1.pth", ["--run-id", "from-epoch1"]))  # and at the epoch boundary
+    expected = load(run_dir(tmp_path, "reference") / "checkpoint-last.pth")
+    for start, run_id in starts:
+        status, _, err = _finish(_torchrun(tmp_path, 2, "-r", str(start), *run_id))
+        assert status == 0, err
+        resumed = load(run_dir(tmp_path, run_id[1] if run_id else "stopped") / "checkpoint-last.pth")
+        for name, tensor in expected["state_dict"].items():
+            assert torch.equal(tensor, resumed["state_dict"][name]), name
+        for index, state in expected["optimizer"]["state"].items():
+            assert all(torch.equal(value, resumed["optimizer"]["state"][index][key]) for key, value in state.items())
 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])

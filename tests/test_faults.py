@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_rotation_spares_it(tmp_p
     assert train.main(["-c", str(path), "--run-id", "full"]) == 1
     run = run_dir(tmp_path, "full")
     assert capsys.readouterr().err == (f"error: could not save checkpoint {run}/checkpoint-epoch2.pth: No space left "
-                                       "on device; the previous one is intact\n")
+                                       "on device (ENOSPC); the previous one is intact\n")
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch1.pth", "config.yaml"]
     assert load(run / "checkpoint-epoch1.pth")["epoch"] == 1
 
@@ -248,3 +249,72 @@ def test_fuzzed_configs_are_one_line_errors_or_valid(tmp_path, capsys):
     assert not (tmp_path / "saved").exists(), "nothing written"
     assert outcomes[2] >= 100 and outcomes[0] >= 10, outcomes
     print(f"fuzzed configs: {sum(outcomes.values())}, refused with exit 2: {outcomes[2]}, valid: {outcomes[0]}")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 700 KiB filesystem: room for two MNIST checkpoints, not three."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the simulated "
+                    "ENOSPC test covers the writer")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_real_full_filesystem(tmp_path, small_tmpfs, capsys):
+    config = tiny_config(tmp_path, epochs=6, monitor="off")
+    config["trainer"]["save_dir"] = str(small_tmpfs / "saved")
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "small"]) == 1
+    run = small_tmpfs / "saved/models/tiny/small"
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not save checkpoint {run}/checkpoint-epoch") and err.endswith(
+        ": No space left on device (ENOSPC); the previous one is intact\n"), err
+    assert not list(run.glob(".*.tmp")), "no temp file left"
+    saved = sorted(run.glob("checkpoint-epoch*.pth"))
+    assert saved and load(saved[-1])["epoch"] == len(saved)
+
+
+def test_sigterm_in_the_first_step_leaves_a_resumable_state(tmp_path):
+    (tmp_path / "first.py").write_text("import os, signal\nsent = []\ndef stop_first(o, t):\n    if not sent:\n"
+                                       "        sent.append(1)\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                                       "    return o.new_zeros(())\n")
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    assert train.main(["-c", str(path), "--run-id", "reference"]) == 0
+    assert train.main(["-c", str(path), "--run-id", "first", f"metrics=[accuracy, {tmp_path}/first.py:stop_first]"]) \
+        == 143
+    assert load(run_dir(tmp_path, "first") / "checkpoint-last.pth")["global_step"] == 1
+    assert train.main(["-r", str(run_dir(tmp_path, "first")), "metrics=[accuracy]"]) == 0
+    assert torch.equal(load(run_dir(tmp_path, "first") / "checkpoint-last.pth")["state_dict"]["fc2.weight"],
+                       load(run_dir(tmp_path, "reference") / "checkpoint-last.pth")["state_dict"]["fc2.weight"])
+
+
+def test_sigterm_during_a_checkpoint_save_finishes_the_save_then_stops(tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_and_get_signalled(obj, file):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while this checkpoint is being written
+        real_save(obj, file)
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", save_and_get_signalled)
+    path = write_config(tmp_path, tiny_config(tmp_path, save_every_steps=2))
+    assert train.main(["-c", str(path), "--run-id", "saving"]) == 143
+    run = run_dir(tmp_path, "saving")
+    assert not list(run.glob(".*.tmp")) and load(run / "checkpoint-last.pth")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_sigterm_during_startup_leaves_nothing_half_written(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", str(path), "--run-id", "early"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # importing torch: long before training starts
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGTERM, "stopped by the signal, as any program is before it trains"
+    assert not (tmp_path / "saved").exists(), "nothing written: the run directory comes after the build"

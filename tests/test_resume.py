@@ -165,7 +165,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
     path = write_config(tmp_path, tiny_config(tmp_path, save_every_steps=4, monitor="off"))
     assert train.main(["-c", str(path), "--run-id", "full"]) == 1
     last = run_dir(tmp_path, "full") / "checkpoint-last.pth"
-    assert capsys.readouterr().err == (f"error: could not save checkpoint {last}: No space left on device; "
+    assert capsys.readouterr().err == (f"error: could not save checkpoint {last}: No space left on device "
+                                       "(ENOSPC); "
                                        "the previous one is intact\n")
     assert load(last)["global_step"] == 4
     assert sorted(p.name for p in last.parent.iterdir()) == ["checkpoint-last.pth", "config.yaml"]

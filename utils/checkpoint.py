@@ -1,8 +1,10 @@
 """Checkpoint files: atomic writes, weights_only loads, and readable state_dict mismatch reports."""
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,10 +33,20 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
         _fsync_directory(path.parent)
     except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer reports a full disk so
         temp.unlink(missing_ok=True)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise TrainingError(f"could not save checkpoint {path}: {reason}; the previous one is intact") from error
+        raise TrainingError(f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one "
+                            "is intact") from error
     for stale in path.parent.glob(f".*{_TEMP_SUFFIX}"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
+
+
+def _save_failure(error: Exception, path: Path) -> str:
+    """The reason with its errno; torch's writer hides ENOSPC in a RuntimeError, so a full disk is asked."""
+    number = getattr(error, "errno", None)
+    if number is None and shutil.disk_usage(path.parent).free < 1 << 20:
+        number = errno.ENOSPC
+    if number is None:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
 
 
 def link_or_save(existing: Path | None, state: Mapping[str, Any], path: Path) -> None:
