@@ -361,16 +361,6 @@ def newest_good_checkpoint(path: Path) -> tuple[Path, dict]:
     raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
 
 
-def newest_checkpoint(path: Path) -> Path:
-    """A run directory resolves to its most recently written checkpoint."""
-    if not path.is_dir():
-        return path
-    candidates = sorted(path.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ConfigError(f"{path}: the run directory holds no checkpoint-*.pth")
-    return candidates[-1]
-
-
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 

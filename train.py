@@ -106,7 +106,7 @@ def validation_loader(config: Config, train_loader: DataLoader) -> DataLoader | 
     return split() if callable(split) else None
 
 
-def steps_per_epoch(config: Config, loader: DataLoader) -> int:
+def batches_per_epoch(config: Config, loader: DataLoader) -> int:
     if config.trainer["len_epoch"]:
         return config.trainer["len_epoch"]
     try:
@@ -176,7 +176,7 @@ def build_trainer(config: Config) -> tuple[Trainer, dict[str, int] | None]:
     optimizer = config.build("optimizer", [p for p in model.parameters() if p.requires_grad], lookup=torch.optim)
     scheduler = None
     if config["lr_scheduler"]:
-        batches = steps_per_epoch(config, train_loader)
+        batches = batches_per_epoch(config, train_loader)
         scheduler = build_scheduler(config, optimizer, -(-batches // config.trainer["accumulate_grad_batches"]))
     trainer = Trainer(model, criterion, metrics, optimizer, config.trainer, device, train_loader,
                       valid_loader, scheduler, config.run_dir, config.log_dir, config.data)

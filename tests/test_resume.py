@@ -16,8 +16,7 @@ import train
 import utils.checkpoint
 from base.checkpointer import Checkpointer
 from conftest import ROOT, assert_same_training_state, load, run_dir, tiny_config, write_config
-from parse_config import newest_checkpoint
-from utils.checkpoint import load_checkpoint
+from parse_config import newest_good_checkpoint
 
 # TINY: 256 training samples in batches of 32 -> 8 steps per epoch; 3 epochs -> 24 steps.
 MID_EPOCH_2_STEP = 13  # saving every 13 steps writes checkpoint-last.pth at epoch 2, batch 5
@@ -144,7 +143,7 @@ def test_kill_9_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
         process.communicate(timeout=60)
         assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
         killed_mid_save += any(run.glob(".*.tmp"))
-        load_checkpoint(newest_checkpoint(run))
+        newest_good_checkpoint(run)  # the newest intact checkpoint loads
         assert train.main(["-r", str(run)]) == 0
         assert_same_training_state(expected, load(run / "checkpoint-epoch2.pth"))
         assert not list(run.glob(".*.tmp")), "a later successful save removes stray temp files"
