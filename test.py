@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from base.train_step import autocast_for, check_precision
 from parse_config import Config, parse_args
-from train import accepts, build_loader, build_model, loss_and_metrics, lookups
+from train import accepts, build_loader, build_model, exit_after, loss_and_metrics, lookups
 from trainer import evaluate
 from trainer import options as project_options
 from utils import distributed, user_code
@@ -89,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

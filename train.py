@@ -349,5 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_after(status: int) -> None:
+    """Exit with `status`. A failed run (1) has said its one line and closed its files; it leaves without
+    Python's teardown, where the threads of DataLoader workers that died can still print tracebacks."""
+    if status == 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())
