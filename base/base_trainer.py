@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from logger import FILE_ONLY, TensorboardWriter
 from utils.checkpoint import FORMAT_VERSION, load_model_state
 from utils.checkpoint_check import EXACT_RESUME_PARTS, part_ok, check_fields, check_optimizer_fits
-from utils.device import to_device
+from utils.device import batch_to_device
 from utils.errors import CheckpointError, TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
 from utils import distributed
@@ -175,10 +175,7 @@ class BaseTrainer:
 
     def to_device(self, data: Any, target: Any) -> tuple[Any, Any]:
         """A batch on the training device; image batches in channels_last when the model is."""
-        data, target = to_device(data, self.device), to_device(target, self.device)
-        if self.options["channels_last"] and isinstance(data, torch.Tensor) and data.dim() == 4:
-            data = data.contiguous(memory_format=torch.channels_last)
-        return data, target
+        return batch_to_device(data, target, self.device, self.options["channels_last"])
 
     def _record(self, epoch: int, batch_idx: int, loss: torch.Tensor, output: Any, target: Any) -> None:
         """Add the batch to the epoch's metrics. `on_nonfinite: stop` costs nothing here: the loss sum the
@@ -221,9 +218,10 @@ class BaseTrainer:
     def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor) -> None:
         self._raise_if_nonfinite(epoch)
         norm = self.step.grad_norm
-        values = (torch.stack([loss.detach().float(), norm.float()]) if norm is not None else loss.detach()).tolist()
-        value, scalars = (values[0], {"grad_norm": values[1]}) if norm is not None else (values, {})
-        self.writer.add_scalars("train", {"loss": value, "lr": self.learning_rate, **scalars}, self.global_step)
+        read = [loss.detach().float()] + ([norm.float()] if norm is not None else [])
+        value, *grad_norm = torch.stack(read).tolist()  # the one host sync per log_step
+        scalars = {"loss": value, "lr": self.learning_rate, **dict(zip(["grad_norm"], grad_norm))}
+        self.writer.add_scalars("train", scalars, self.global_step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{value:.4f}")
         logger.info("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value, extra=FILE_ONLY)

@@ -7,7 +7,7 @@ from torch import nn
 from tqdm import tqdm
 
 from base import BaseTrainer
-from utils.device import to_device
+from utils.device import batch_to_device
 from utils.metrics import EpochMetrics
 
 
@@ -47,9 +47,7 @@ def evaluate(model: nn.Module, batches: Iterable, criterion: Callable[[Any, Any]
     model.eval()
     metrics.reset()
     for data, target in batches:
-        data, target = to_device(data, device), to_device(target, device)
-        if channels_last and isinstance(data, torch.Tensor) and data.dim() == 4:
-            data = data.contiguous(memory_format=torch.channels_last)
+        data, target = batch_to_device(data, target, device, channels_last)
         with autocast():
             output = model(data)
             loss = criterion(output, target)

@@ -34,6 +34,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def batch_to_device(data: Any, target: Any, device: torch.device, channels_last: bool = False) -> tuple[Any, Any]:
+    """A (data, target) batch on `device`; a 4-D image batch in channels_last when the model is."""
+    data, target = to_device(data, device), to_device(target, device)
+    if channels_last and isinstance(data, torch.Tensor) and data.dim() == 4:
+        data = data.contiguous(memory_format=torch.channels_last)
+    return data, target
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (a container's limit, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
