@@ -1,11 +1,22 @@
 """Start a new project from this template: python new_project.py ../MyProject"""
+
 import shutil
 import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent
-IGNORED = shutil.ignore_patterns(".git", "saved", "__pycache__", ".pytest_cache", "*.egg-info", ".venv", "venv",
-                                 "env", ".mypy_cache", ".ruff_cache")
+IGNORED = shutil.ignore_patterns(
+    ".git",
+    "saved",
+    "__pycache__",
+    ".pytest_cache",
+    "*.egg-info",
+    ".venv",
+    "venv",
+    "env",
+    ".mypy_cache",
+    ".ruff_cache",
+)
 
 
 def new_project(target: Path) -> str | None:

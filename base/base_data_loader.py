@@ -1,5 +1,5 @@
 """BaseDataLoader: seeded validation split and a data order that can be resumed at any batch."""
-import inspect
+
 import random
 from typing import Any, Callable, Iterator
 
@@ -11,11 +11,7 @@ from torch.utils.data.dataloader import default_collate
 from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
-
-
-def derived_seed(seed: int, epoch: int) -> int:
-    """One seed per (run seed, pass): the order of a pass depends on nothing else."""
-    return (seed * 1_000_003 + epoch) % 2**63
+from utils.seeding import derived_seed
 
 
 def _seed_sample(seed: int) -> None:
@@ -38,7 +34,8 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getattr__(self, name: str) -> Any:  # the user's dataset attributes stay reachable as loader.dataset.x
+    def __getattr__(self, name: str) -> Any:
+        """The user's dataset attributes stay reachable as loader.dataset.x."""
         if name in ("dataset", "seed"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
@@ -68,7 +65,9 @@ class EpochSampler(Sampler[int]):
     must take part in each step). `skip` drops the first samples of the pass without loading them: how a
     resumed run continues inside an epoch, whatever the world size it ran with before."""
 
-    def __init__(self, indices: list[int], shuffle: bool, seed: int, batch_size: int = 1, keyed: bool = False):
+    def __init__(
+        self, indices: list[int], shuffle: bool, seed: int, batch_size: int = 1, keyed: bool = False
+    ):
         self.indices, self.shuffle, self.seed, self.batch_size = indices, shuffle, seed, batch_size
         self.keyed = keyed  # yield (pass, index) for SeededSamples
         self.epoch, self.skip = 0, 0
@@ -90,10 +89,13 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(len(self.indices), generator=generator).tolist()
         else:
             order = list(range(len(self.indices)))
-        order = order[self.skip:]
+        order = order[self.skip :]
         if self.world > 1:
-            order = [i for start in range(0, len(order), self.global_batch)
-                     for i in self._slice(order[start:start + self.global_batch])]
+            order = [
+                i
+                for start in range(0, len(order), self.global_batch)
+                for i in self._slice(order[start : start + self.global_batch])
+            ]
         if self.keyed:
             return ((self.epoch, self.indices[i]) for i in order)
         return (self.indices[i] for i in order)
@@ -102,7 +104,7 @@ class EpochSampler(Sampler[int]):
         if len(chunk) < self.world:
             return []
         bounds = [len(chunk) * r // self.world for r in range(self.world + 1)]
-        return chunk[bounds[self.rank]:bounds[self.rank + 1]]
+        return chunk[bounds[self.rank] : bounds[self.rank + 1]]
 
     def shard_weight(self, batch_in_pass: int) -> float:
         """This rank's share of a step's samples times the world size: the loss weight under which DDP's
@@ -124,22 +126,38 @@ class BaseDataLoader(DataLoader):
     """pytorch-template's loader with its randomness made explicit: the split and every pass's order come
     from private generators seeded by the run's seed, never from the global RNG (which dropout uses)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, validation_split: float | int = 0.0,
-                 num_workers: int | str = "auto", collate_fn: Callable = default_collate,
-                 pin_memory: bool | str = "auto", seed: int | None = None, per_sample_seeds: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = True,
+        validation_split: float | int = 0.0,
+        num_workers: int | str = "auto",
+        collate_fn: Callable = default_collate,
+        pin_memory: bool | str = "auto",
+        seed: int | None = None,
+        per_sample_seeds: bool = True,
+    ):
         self.seed = torch.initial_seed() if seed is None else seed  # train.py seeds torch before building
         self.per_sample_seeds = per_sample_seeds
         train_indices, valid_indices = self._split(len(dataset), validation_split)
         workers = resolve_num_workers(num_workers)
         self.settings: dict[str, Any] = {
-            "batch_size": batch_size, "num_workers": workers, "collate_fn": collate_fn,
-            "pin_memory": resolve_pin_memory(pin_memory), "persistent_workers": workers > 0,
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "collate_fn": collate_fn,
+            "pin_memory": resolve_pin_memory(pin_memory),
+            "persistent_workers": workers > 0,
         }
         keyed = per_sample_seeds
-        self.valid_sampler = EpochSampler(valid_indices, False, self.seed, batch_size, keyed) if valid_indices else None
+        self.valid_sampler = (
+            EpochSampler(valid_indices, False, self.seed, batch_size, keyed) if valid_indices else None
+        )
         self.n_samples = len(train_indices)
         train_sampler = EpochSampler(train_indices, shuffle, self.seed, batch_size, keyed)
-        super().__init__(self._seeded(dataset), sampler=train_sampler, generator=torch.Generator(), **self.settings)
+        super().__init__(
+            self._seeded(dataset), sampler=train_sampler, generator=torch.Generator(), **self.settings
+        )
         for sampler in (self.sampler, self.valid_sampler):
             if sampler is not None:
                 sampler.shard(distributed.rank(), distributed.world_size())
@@ -152,8 +170,10 @@ class BaseDataLoader(DataLoader):
             return list(range(n_samples)), []
         n_valid = split if isinstance(split, int) else int(n_samples * split)
         if isinstance(split, bool) or not 0 < n_valid < n_samples:
-            raise ConfigError(f"data_loader.args.validation_split: {split!r} leaves no training or no validation "
-                              f"data from {n_samples} samples; use a fraction in (0, 1) or a count below {n_samples}")
+            raise ConfigError(
+                f"data_loader.args.validation_split: {split!r} leaves no training or no validation "
+                f"data from {n_samples} samples; use a fraction in (0, 1) or a count below {n_samples}"
+            )
         order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[n_valid:], order[:n_valid]
 
@@ -172,14 +192,6 @@ class BaseDataLoader(DataLoader):
         return DataLoader(dataset, sampler=self.valid_sampler, generator=generator, **self.settings)
 
 
-def split_loader_args(args: dict) -> tuple[dict, dict]:
-    """(dataset args, loader args) of a data section whose `type` is a Dataset: BaseDataLoader's own
-    parameters go to the loader that wraps it, the rest to the dataset."""
-    loader_keys = set(inspect.signature(BaseDataLoader).parameters) - {"dataset"}
-    dataset_args = {key: value for key, value in args.items() if key not in loader_keys}
-    return dataset_args, {key: value for key, value in args.items() if key in loader_keys}
-
-
 class BatchStream:
     """Batches from successive passes over a loader. Its state, the pass and the batches consumed in it, is
     all a checkpoint needs to continue a BaseDataLoader's order at the next batch, without loading the
@@ -193,14 +205,16 @@ class BatchStream:
         self.exact = isinstance(loader, BaseDataLoader)
         self.pass_index, self.batches_done = 0, 0
         self.resume_samples: int | None = None  # samples consumed, when a checkpoint's global batch differed
-        self.weight = 1.0  # the last batch's loss weight under DDP (EpochSampler.shard_weight)
+        self.share = 1.0  # the last batch's share of its global batch under DDP (EpochSampler.shard_weight)
         self._pass_rng: torch.Tensor | None = None
         self._iterator: Iterator | None = None
 
     def _start_pass(self) -> None:
         if self.exact:
             skip = self.batches_done * self.loader.sampler.global_batch
-            self.loader.set_epoch(self.pass_index, self.resume_samples if self.resume_samples is not None else skip)
+            self.loader.set_epoch(
+                self.pass_index, self.resume_samples if self.resume_samples is not None else skip
+            )
             self.resume_samples = None
             self._iterator = iter(self.loader)
             return
@@ -228,7 +242,7 @@ class BatchStream:
                 self._iterator, self.pass_index, self.batches_done = None, self.pass_index + 1, 0
                 continue
             if self.exact:
-                self.weight = self.loader.sampler.shard_weight(self.batches_done)
+                self.share = self.loader.sampler.shard_weight(self.batches_done)
             self.batches_done += 1
             return batch
 
@@ -236,9 +250,10 @@ class BatchStream:
         state = {"pass": self.pass_index, "batches_done": self.batches_done}
         return state if self.exact else {**state, "pass_rng": self._pass_rng}
 
-    def load_state_dict(self, state: dict, samples_per_batch: int | None = None) -> None:
-        """`samples_per_batch`: the global batch the checkpoint was written with, when it differs from now."""
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the next batch of the pass. A checkpoint written with another global batch (another
+        world size) sets `resume_samples` after this, so that the pass continues at the next unseen sample."""
         self.pass_index, self.batches_done = state["pass"], state["batches_done"]
-        self.resume_samples = self.batches_done * samples_per_batch if samples_per_batch else None
+        self.resume_samples = None
         self._pass_rng = state.get("pass_rng")
         self._iterator = None

@@ -1,4 +1,5 @@
 """BaseModel and weight initialisation schemes."""
+
 from functools import partial
 
 from torch import nn

@@ -1,27 +1,147 @@
-"""Which checkpoint files are written when, and how many are kept."""
+"""The checkpoint's one owner: what it holds (named parts), when it is written, how a loaded one is checked,
+and how it is restored, the fine-tuning policy included. The file format itself is utils/checkpoint.py's.
+
+A part is anything with state_dict() and load_state_dict(): a model, an optimizer, a schedule, the train step,
+the metrics, the data stream. Most are stored under their name; the progress record, the monitor and the
+RNGs are stored flat, as they have been since the first format (and `state_dict`, `epoch`, `config` keep
+pytorch-template's meaning). Two models are two named entries, not a second code path.
+"""
+
 import logging
 import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
 
 from logger import FILE_ONLY
 from utils import distributed
-from utils.checkpoint import link_or_save, save_checkpoint
+from utils.checkpoint import CONFIG, FORMAT_VERSION, WEIGHTS, is_legacy, link_or_save, save_checkpoint
+from utils.errors import CheckpointError, ConfigError
+from utils.seeding import derived_seed, rng_state, seed_everything, set_rng_state
+from utils.weights import check_optimizer_fits, load_model_state
+
+from .base_data_loader import BatchStream
 
 logger = logging.getLogger(__name__)
 LAST = "checkpoint-last.pth"
 BEST = "model_best.pth"
+EMA_WEIGHTS = "ema_state_dict"
+EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
+# parts kept on fine-tuning only while their config type is unchanged
+FINE_TUNED = ("optimizer", "lr_scheduler")
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs, batches of the next epoch already trained, optimizer steps,
+    and steps skipped for a non-finite loss."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for field in fields(self):
+            setattr(self, field.name, state[field.name])
+
+
+class RngStreams:
+    """The global RNGs of every rank. Each rank continues its own stream; with another world size the streams
+    cannot continue, so they are derived anew from the seed, the step and the rank (the log says so, once)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def state_dict(self) -> dict:
+        per_rank = distributed.gather(rng_state()) if distributed.is_distributed() else None
+        return {"rng": rng_state(), "rng_per_rank": per_rank, "world_size": distributed.world_size()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        previous = state.get("world_size", 1)
+        if previous == distributed.world_size():
+            per_rank = state.get("rng_per_rank")
+            set_rng_state(per_rank[distributed.rank()] if per_rank else state["rng"])
+            return
+        logger.warning(
+            "Resuming %d processes from a checkpoint of %d: the data continues at the next unseen "
+            "sample, but the run cannot be bit-identical (reductions run in another order); RNGs are "
+            "derived anew from the seed and step",
+            distributed.world_size(),
+            previous,
+        )
+        seed_everything(derived_seed(self.seed, state["global_step"] * 4096 + distributed.rank()))
+
+
+def single_model_parts(
+    model: nn.Module,
+    ema_model: nn.Module | None,
+    step: Any,
+    optimizer: Any,
+    schedule: Any,
+    metrics: Any,
+    stream: BatchStream,
+) -> dict[str, Any]:
+    """The named parts of a run with one model, one optimizer and at most one schedule."""
+    return {
+        WEIGHTS: model,
+        EMA_WEIGHTS: ema_model,
+        "step": step,
+        "optimizer": optimizer,
+        "lr_scheduler": schedule,
+        "metrics": metrics,
+        "data_order": stream,
+    }
+
+
+def eval_weights(checkpoint: Mapping[str, Any]) -> dict:
+    """The weights test.py and export evaluate: the EMA's when the run kept one."""
+    return checkpoint[checkpoint.get("eval_weights", WEIGHTS)]
 
 
 class Checkpointer:
     """Epoch files every `save_period` (newest `keep_last` kept), model_best.pth on improvement, and
-    checkpoint-last.pth every `save_every_steps` optimizer steps or when a signal stops training."""
+    checkpoint-last.pth every `save_every_steps` optimizer steps or when a signal stops training. `flat`
+    parts store their fields at the top level; `config` is the run's config, stored as the record of it."""
 
-    def __init__(self, run_dir: Path, save_period: int, keep_last: int, save_every_steps: int):
-        self.run_dir = Path(run_dir)
-        self.writes = distributed.is_main()  # under DDP every rank builds the state (it gathers), rank 0 writes
+    def __init__(
+        self,
+        parts: dict[str, Any],
+        flat: list[Any],
+        config: dict,
+        save_period: int = 1,
+        keep_last: int = 0,
+        save_every_steps: int = 0,
+    ):
+        self.parts, self.flat, self.config = parts, flat, config
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
+        self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
+        # under DDP every rank builds the state (it gathers), rank 0 writes
+        self.writes = distributed.is_main()
 
+    # ---- what a checkpoint holds ----
+    def state_dict(self) -> dict:
+        """Every part as plain data: what makes `--resume` continue bit for bit."""
+        model = self.parts[WEIGHTS]
+        state = {
+            "version": FORMAT_VERSION,
+            "arch": type(model).__name__,
+            "eval_weights": EMA_WEIGHTS if self.parts.get(EMA_WEIGHTS) is not None else WEIGHTS,
+        }
+        state.update(
+            {key: part.state_dict() if part is not None else None for key, part in self.parts.items()}
+        )
+        for part in self.flat:
+            state.update(part.state_dict())
+        return {**state, CONFIG: self.config}
+
+    # ---- when it is written ----
     def save_epoch(self, make_state: Callable[[], dict], epoch: int, improved: bool) -> None:
         if epoch % self.save_period and not improved:
             return
@@ -52,8 +172,169 @@ class Checkpointer:
     def _prune(self) -> None:
         if not self.keep_last:
             return
-        epoch_of = {p: int(re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name).group(1))
-                    for p in self.run_dir.glob("checkpoint-epoch*.pth")
-                    if re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name)}
+        epoch_of = {
+            p: int(re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name).group(1))
+            for p in self.run_dir.glob("checkpoint-epoch*.pth")
+            if re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name)
+        }
         for path in sorted(epoch_of, key=epoch_of.get)[: -self.keep_last]:
             path.unlink()
+
+    # ---- how it is restored ----
+    def restore(
+        self, checkpoint: dict, source: Path, user_data: dict | None = None, allow_inexact: bool = False
+    ) -> None:
+        """Continue where `checkpoint` stopped. Call it last before training: it sets the global RNGs. Every
+        field is checked before anything is loaded, so that a bad file is one line and nothing is written.
+        Fine-tuning (`user_data` is what the user's own config says): an optimizer or scheduler whose type
+        changed starts fresh; an argument the user changed replaces the checkpoint's, with a log line."""
+        if is_legacy(checkpoint):
+            raise ConfigError(
+                f"{source}: a pytorch-template checkpoint holds weights but no training state to "
+                f"resume; start a run from its weights with arch.init_from.path={source}"
+            )
+        check_fields(checkpoint, source, allow_inexact)
+        previous = checkpoint.get(CONFIG) or {}
+        fresh = {
+            key
+            for key in FINE_TUNED
+            if (previous.get(key) or {}).get("type") != (self.config.get(key) or {}).get("type")
+        }
+        for key in sorted(fresh):
+            logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
+        loaded = {
+            key: part
+            for key, part in self.parts.items()
+            if part is not None and key not in fresh and checkpoint.get(key) is not None
+        }
+        for key, part in loaded.items():
+            if isinstance(part, nn.Module):
+                load_model_state(part, checkpoint[key], source)
+        checkpoint = _exact_or_restarted(checkpoint, source, allow_inexact)
+        try:
+            for key, part in loaded.items():
+                if isinstance(part, torch.optim.Optimizer):
+                    check_optimizer_fits(checkpoint[key], part, source)
+                if not isinstance(part, nn.Module):
+                    part.load_state_dict(checkpoint[key])
+                if isinstance(part, BatchStream):
+                    part.resume_samples = self._samples_done(checkpoint, part)
+            for part in self.flat:
+                part.load_state_dict(checkpoint)
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CheckpointError(
+                f"{source}: cannot resume from it: {type(error).__name__}: {error}"
+            ) from None
+        for key in FINE_TUNED:
+            if key in loaded:
+                self._apply_changed_args(key, previous, user_data or {})
+
+    def _samples_done(self, checkpoint: Mapping[str, Any], stream: BatchStream) -> int | None:
+        """Samples of the pass already trained, when the checkpoint's global batch differs from this run's."""
+        previous = checkpoint.get("world_size", 1)
+        sampler = getattr(stream.loader, "sampler", None)
+        if previous == distributed.world_size() or not hasattr(sampler, "global_batch"):
+            return None
+        batch = ((checkpoint.get(CONFIG) or {}).get("data_loader", {}).get("args") or {}).get("batch_size")
+        return stream.batches_done * previous * (batch or sampler.batch_size)
+
+    def _apply_changed_args(self, key: str, previous: dict, user_data: dict) -> None:
+        old_args = (previous.get(key) or {}).get("args") or {}
+        given = (user_data.get(key) or {}).get("args") or {}
+        for name, value in given.items():
+            if old_args.get(name) != value:
+                logger.info(
+                    "Fine-tuning: %s.args.%s is %r in the checkpoint, %r now: using %r",
+                    key,
+                    name,
+                    old_args.get(name),
+                    value,
+                    value,
+                )
+                self._set_hyperparameter(key, name, value)
+
+    def _set_hyperparameter(self, key: str, name: str, value: Any) -> None:
+        optimizer, schedule = self.parts.get("optimizer"), self.parts.get("lr_scheduler")
+        scheduler = getattr(schedule, "scheduler", None)
+        if key == "optimizer" and all(name in group for group in optimizer.param_groups):
+            for group in optimizer.param_groups:
+                group[name] = value
+                if name == "lr" and "initial_lr" in group:  # what a scheduler scales from
+                    group["initial_lr"] = value
+            if name == "lr" and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [value] * len(optimizer.param_groups)
+        elif key == "lr_scheduler" and hasattr(scheduler, name):
+            setattr(scheduler, name, value)
+        else:
+            logger.warning(
+                "Fine-tuning: %s.args.%s cannot be changed on a restored %s; it keeps the checkpoint's value",
+                key,
+                name,
+                key,
+            )
+
+
+def _exact_or_restarted(checkpoint: dict, source: Path, allow_inexact: bool) -> dict:
+    """The checkpoint, or under --allow-inexact-resume one that restarts its epoch with fresh RNGs when its
+    RNG or data-order state is missing."""
+    if not allow_inexact or all(_part_ok(key, checkpoint.get(key)) for key in EXACT_RESUME_PARTS):
+        return checkpoint
+    logger.warning(
+        "%s: its RNG or data-order state is missing: continuing inexactly (--allow-inexact-resume), "
+        "from the start of epoch %d",
+        source,
+        checkpoint["epoch"] + 1,
+    )
+    return {
+        **checkpoint,
+        "rng": rng_state(),
+        "batches_in_epoch": 0,
+        "data_order": {"pass": checkpoint["epoch"], "batches_done": 0},
+    }
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def check_fields(state: Mapping[str, Any], path: Any, allow_inexact: bool = False) -> None:
+    """Every field a resume reads, of the right type and range; damage names the field and the fix."""
+    problems = [
+        f"'{key}' must be a non-negative integer, not {state.get(key)!r}"
+        for key in (field.name for field in fields(Progress))
+        if not _count(state.get(key))
+    ]
+    if not _count(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
+        problems.append(f"'world_size' must be a positive integer, not {state.get('world_size')!r}")
+    if not isinstance(state.get("optimizer"), Mapping) or not {"state", "param_groups"} <= set(
+        state["optimizer"]
+    ):
+        problems.append("'optimizer' must be an optimizer state_dict")
+    metrics = state.get("metrics")
+    if not (
+        isinstance(metrics, Mapping)
+        and isinstance(metrics.get("sums"), Mapping)
+        and isinstance(metrics.get("counts"), Mapping)
+        and all(map(_count, metrics["counts"].values()))
+        and all(isinstance(v, (torch.Tensor, float, int)) for v in metrics["sums"].values())
+    ):
+        problems.append("'metrics' must hold the partial epoch's sums and counts")
+    for key in EXACT_RESUME_PARTS:
+        if not _part_ok(key, state.get(key)) and not allow_inexact:
+            problems.append(
+                f"'{key}' is missing or damaged: the run cannot continue exactly (pass "
+                "--allow-inexact-resume to continue anyway)"
+            )
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume from it: {problems[0]}")
+
+
+def _part_ok(key: str, value: Any) -> bool:
+    if key == "data_order":
+        return isinstance(value, Mapping) and _count(value.get("pass")) and _count(value.get("batches_done"))
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("torch"), torch.Tensor)
+        and isinstance(value.get("python"), list)
+        and isinstance(value.get("numpy"), list)
+    )

@@ -1,5 +1,6 @@
 """The mechanics of one optimizer step: mixed precision, gradient accumulation, clipping and an EMA of the
 weights. It knows nothing of epochs, logging or files; its state_dict() is part of every checkpoint."""
+
 import contextlib
 import copy
 from typing import Any, Callable, Iterator
@@ -8,41 +9,46 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from utils.errors import ConfigError
-
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def check_precision(precision: str | int, device: torch.device) -> None:
-    """Refuse a mode torch cannot run on this device, naming the one to use instead."""
-    precision = str(precision)
-    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"trainer.precision: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
-                          "use precision: 16-mixed")
-    if precision != "32" and not torch.amp.is_autocast_available(device.type):
-        raise ConfigError(f"trainer.precision: torch has no autocast on {device.type}; use precision: 32")
 
 
 class TrainStep:
     """Precision (autocast, and a GradScaler under 16-mixed), accumulation windows of `accumulate` batches
     (the last window of an epoch may be shorter: its loss is scaled by the batches it really has), gradient
-    clipping after unscaling, and an EMA of the weights (torch.optim.swa_utils) updated after each step."""
+    clipping after unscaling, an EMA of the weights (torch.optim.swa_utils) updated after each step, and the
+    non-finite policy: under `on_nonfinite: skip` a window with a nan/inf loss takes no optimizer step."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str = "32", accumulate: int = 1,
-                 epoch_batches: int = 1, clip_norm: float | None = None, clip_value: float | None = None,
-                 ema_decay: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        precision: str = "32",
+        accumulate: int = 1,
+        epoch_batches: int = 1,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+        ema_decay: float | None = None,
+        on_nonfinite: str = "stop",
+    ):
         self.model, self.device = model, device
         self.autocast = autocast_for(precision, device)
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16-mixed" else None
         self.accumulate, self.epoch_batches = accumulate, epoch_batches
         self.clip_norm, self.clip_value = clip_norm, clip_value
-        self.grad_norm: torch.Tensor | None = None  # the last step's total norm, read back on logging steps only
+        self.skip_nonfinite = on_nonfinite == "skip"
+        self.grad_norm: torch.Tensor | None = (
+            None  # the last step's total norm, read back on logging steps only
+        )
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(unwrap(model), device=device, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+            self.ema = AveragedModel(
+                unwrap(model), device=device, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)
+            )
             self.ema.requires_grad_(False)
         self.ema_updates = 0  # counted on the host: AveragedModel reads its device counter back every update
-        self.batch_weight = 1.0  # under DDP, this rank's share of an uneven last batch (EpochSampler.shard_weight)
+        self.loss_was_nonfinite = False  # the last backward's loss, under on_nonfinite: skip
+        self.stepped = False  # whether the last optimizer_step stepped (false: its window was skipped)
+        self._window_skipped = False
 
     @contextlib.contextmanager
     def accumulating(self, batch_idx: int) -> Iterator[None]:
@@ -65,36 +71,42 @@ class TrainStep:
     def steps_per_epoch(self) -> int:
         return -(-self.epoch_batches // self.accumulate)
 
-    def backward(self, loss: torch.Tensor, batch_idx: int) -> None:
+    def backward(self, loss: torch.Tensor, batch_idx: int, share: float = 1.0) -> None:
         """Backward of the loss divided by the window's batch count, so that the window's update equals one
-        batch that many times larger."""
+        batch that many times larger, and times `share`: under DDP this rank's share of an uneven last
+        global batch (1 otherwise). Under `on_nonfinite: skip` a nan/inf loss (a host sync) marks the
+        window."""
+        self.loss_was_nonfinite = self.skip_nonfinite and not bool(torch.isfinite(loss))
+        self._window_skipped |= self.loss_was_nonfinite
         scaled = loss / self.window_size(batch_idx) if self.accumulate > 1 else loss
-        scaled = scaled * self.batch_weight if self.batch_weight != 1.0 else scaled
+        scaled = scaled * share if share != 1.0 else scaled
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
-    def update(self, optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
-        """End of a window: unscale, clip, step (unless skipped), update the scaler, zero the gradients,
-        update the EMA."""
-        if not skip:
-            if self.scaler and (self.clip_norm or self.clip_value):
-                self.scaler.unscale_(optimizer)
-            self._clip()
-            if self.scaler:
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            else:
-                optimizer.step()
-            self._update_ema()
-        optimizer.zero_grad(set_to_none=True)
-
-    def _clip(self) -> None:
-        if not (self.clip_value or self.clip_norm):
+    def clip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradients of `optimizer`'s parameters (unscaled first under 16-mixed); the total norm is
+        kept for the log."""
+        if not (self.clip_value or self.clip_norm) or self._window_skipped:
             return
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self.clip_value:
             torch.nn.utils.clip_grad_value_(parameters, self.clip_value)
         if self.clip_norm:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.clip_norm)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step `optimizer` (through the GradScaler under 16-mixed) and update the EMA, unless the window was
+        skipped for a non-finite loss. Zeroing the gradients is the caller's next verb."""
+        self.stepped, self._window_skipped = not self._window_skipped, False
+        if not self.stepped:
+            return
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        self._update_ema()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -107,7 +119,8 @@ class TrainStep:
         else:
             self.ema.multi_avg_fn(averaged, current, self.ema.n_averaged)
         for ema_buffer, buffer in zip(self.ema.module.buffers(), unwrap(self.model).buffers()):
-            ema_buffer.copy_(buffer)  # BatchNorm statistics follow the model (AveragedModel's use_buffers=False)
+            # BatchNorm statistics follow the model (AveragedModel's use_buffers=False)
+            ema_buffer.copy_(buffer)
         self.ema.n_averaged += 1
         self.ema_updates += 1
 
@@ -117,39 +130,36 @@ class TrainStep:
         its DDP wrapper, whose forward would wait for the other ranks at every batch)."""
         if self.ema is not None and self.ema_updates:
             return self.ema.module
-        return unwrap(self.model) if isinstance(self._inner(), nn.parallel.DistributedDataParallel) else self.model
+        return (
+            unwrap(self.model)
+            if isinstance(self._inner(), nn.parallel.DistributedDataParallel)
+            else self.model
+        )
 
     def _inner(self) -> nn.Module:
         return getattr(self.model, "_orig_mod", self.model)
 
     def state_dict(self) -> dict:
+        """The scaler and the EMA's update count; the EMA weights are a checkpoint part of their own."""
         return {"scaler": self.scaler.state_dict() if self.scaler else None, "ema_updates": self.ema_updates}
 
-    def load_state_dict(self, state: dict, ema_weights: dict | None) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.ema_updates = state.get("ema_updates", 0)
-        if self.ema is not None and ema_weights is not None:
-            self.ema.module.load_state_dict(ema_weights)
+        if self.ema is not None:
             self.ema.n_averaged.fill_(self.ema_updates)
 
 
-def autocast_for(precision: str | int, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_for(
+    precision: str | int, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the context forward and loss run in: autocast for the mixed modes (validation and
     test.py use the same one as training)."""
     dtype = AUTOCAST_DTYPES[str(precision)]
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def compile_failure(error: BaseException) -> str | None:
-    """One line for an error raised by torch.compile's machinery, naming the option that turns it off."""
-    module = type(error).__module__
-    if not module.startswith(("torch._dynamo", "torch._inductor")):
-        return None
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"torch.compile failed ({type(error).__name__}: {reason}); set trainer.compile: false to train without it"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

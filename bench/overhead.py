@@ -10,6 +10,7 @@ Also prints the startup cost: `--print-config` and the time to the first trainin
 
 Run from the repository root: python bench/overhead.py [--pairs 5] [--precision 32|bf16-mixed]
 """
+
 import argparse
 import statistics
 import subprocess
@@ -25,11 +26,12 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, like train.py
 
+import builders  # noqa: E402
 import train  # noqa: E402
 from base.train_step import autocast_for  # noqa: E402
-from logger import TensorboardWriter  # noqa: E402
 from model.metric import accuracy, top_k_acc  # noqa: E402
 from parse_config import parse_args  # noqa: E402
+from utils.run_directory import claim_run_directory  # noqa: E402
 
 
 class WideCNN(nn.Module):
@@ -39,7 +41,12 @@ class WideCNN(nn.Module):
         super().__init__()
         layers, channels = [], 3
         for width in (64, 128, 256, 256):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             channels = width
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, num_classes)
@@ -51,8 +58,10 @@ class WideCNN(nn.Module):
 class SyntheticImages(TensorDataset):
     def __init__(self, size: int = 512, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
-        super().__init__(torch.randn(size, 3, 64, 64, generator=generator), torch.randint(0, 10, (size,),
-                                                                                          generator=generator))
+        super().__init__(
+            torch.randn(size, 3, 64, 64, generator=generator),
+            torch.randint(0, 10, (size,), generator=generator),
+        )
 
 
 def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autocast) -> None:
@@ -66,7 +75,9 @@ def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autoc
             loss = criterion(output, target)
         loss.backward()
         optimizer.step()
-        sums += torch.stack([loss.detach().float(), accuracy(output, target), top_k_acc(output, target)]) * len(target)
+        sums += torch.stack(
+            [loss.detach().float(), accuracy(output, target), top_k_acc(output, target)]
+        ) * len(target)
     model.eval()
     valid_sums = torch.zeros(3)
     with torch.no_grad():
@@ -74,26 +85,48 @@ def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autoc
             with autocast():
                 output = model(data)
                 loss = criterion(output, target)
-            valid_sums += torch.stack([loss.float(), accuracy(output, target), top_k_acc(output, target)]) * len(target)
+            valid_sums += torch.stack(
+                [loss.float(), accuracy(output, target), top_k_acc(output, target)]
+            ) * len(target)
     torch.stack([sums, valid_sums]).tolist()  # read the epoch's means back once, as torchkiln does
 
 
 def build(config_path: str, save_dir: str, precision: str, *overrides: str):
     """torchkiln's trainer as train.py builds it, and a plain model/optimizer/loaders over the same data."""
-    config = parse_args(["-c", config_path, "--run-id", f"bench-{time.time_ns()}", f"trainer.save_dir={save_dir}",
-                         "trainer.progress_bar=false", "trainer.verbosity=0", "trainer.epochs=1000",
-                         f"trainer.precision={precision}", "lr_scheduler=null", *overrides], train.lookups())
-    trainer, _ = train.build_trainer(config)
-    train.claim_run_directory(config)
-    trainer.set_run_directories(config.run_dir, config.log_dir)
-    trainer.writer = TensorboardWriter(config.log_dir, config.trainer["tensorboard"], csv_enabled=True)
-    model = train.build_model(config)
-    optimizer = config.build("optimizer", model.parameters(), lookup=torch.optim)
-    criterion, _ = train.loss_and_metrics(config)
-    train_batches = DataLoader(trainer.data_loader.dataset, batch_size=trainer.data_loader.batch_size,
-                               sampler=trainer.data_loader.sampler)
-    plain = (model, optimizer, criterion, train_batches, trainer.valid_data_loader,
-             autocast_for(precision, torch.device("cpu")))
+    config, request = parse_args(
+        [
+            "-c",
+            config_path,
+            "--run-id",
+            f"bench-{time.time_ns()}",
+            f"trainer.save_dir={save_dir}",
+            "trainer.progress_bar=false",
+            "trainer.verbosity=0",
+            "trainer.epochs=1000",
+            f"trainer.precision={precision}",
+            "lr_scheduler=null",
+            *overrides,
+        ],
+        train.lookups(),
+    )
+    trainer, _ = train.build_trainer(config, request)
+    trainer._open_run(claim_run_directory(config.trainer["save_dir"], config["name"], request.run_id, True))
+    model = builders.build_model(config)
+    optimizer = builders.build_optimizer(config, model)
+    criterion, _ = builders.loss_and_metrics(config)
+    train_batches = DataLoader(
+        trainer.data_loader.dataset,
+        batch_size=trainer.data_loader.batch_size,
+        sampler=trainer.data_loader.sampler,
+    )
+    plain = (
+        model,
+        optimizer,
+        criterion,
+        train_batches,
+        trainer.valid_data_loader,
+        autocast_for(precision, torch.device("cpu")),
+    )
     return trainer, plain
 
 
@@ -109,8 +142,12 @@ def interleaved(name: str, trainer, plain, pairs: int) -> tuple[str, float, floa
             plain_times.append(middle - start)
             kiln_times.append(end - middle)
     plain_median, kiln_median = statistics.median(plain_times), statistics.median(kiln_times)
-    print(f"{name:<28} plain {plain_median:7.3f} s/epoch (min {min(plain_times):.3f})   torchkiln {kiln_median:7.3f}"
-          f" s/epoch (min {min(kiln_times):.3f})   ratio {kiln_median / plain_median:.3f}", flush=True)
+    print(
+        f"{name:<28} plain {plain_median:7.3f} s/epoch (min {min(plain_times):.3f})   "
+        f"torchkiln {kiln_median:7.3f}"
+        f" s/epoch (min {min(kiln_times):.3f})   ratio {kiln_median / plain_median:.3f}",
+        flush=True,
+    )
     return name, plain_median, kiln_median, kiln_median / plain_median
 
 
@@ -127,14 +164,16 @@ def startup() -> None:
     printed = seconds("train.py", "-c", "configs/mnist.yaml", "--print-config")
     with tempfile.TemporaryDirectory() as directory:
         first_step = seconds("-c", FIRST_STEP.format(save_dir=directory))
-    print(f"startup: import torch, torchvision {imports:.2f} s; train.py --print-config {printed:.2f} s; "
-          f"to the first training step {first_step:.2f} s (medians of 3)")
+    print(
+        f"startup: import torch, torchvision {imports:.2f} s; train.py --print-config {printed:.2f} s; "
+        f"to the first training step {first_step:.2f} s (medians of 3)"
+    )
 
 
 FIRST_STEP = """import os, sys
 import train
 from base.base_trainer import BaseTrainer
-BaseTrainer._after_step = lambda *args: os._exit(0)
+BaseTrainer.after_optimizer_step = lambda *args: os._exit(0)
 sys.exit(train.main(["-c", "configs/mnist.yaml", "trainer.save_dir={save_dir}", "trainer.verbosity=0"]))
 """
 
@@ -145,14 +184,22 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
-          f"{args.pairs} interleaved pairs per workload", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {args.precision}, "
+        f"{args.pairs} interleaved pairs per workload",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as directory:
         trainer, plain = build("configs/mnist.yaml", directory, args.precision)
         interleaved("MNIST LeNet (mnist.yaml)", trainer, plain, args.pairs)
-        wide = [f"arch.type={__file__}:WideCNN", "arch.args={}", f"data_loader.type={__file__}:SyntheticImages",
-                "data_loader.args={size: 640, batch_size: 64, validation_split: 128, num_workers: 0}",
-                "loss=nll_loss", "optimizer.args.lr=1e-3"]
+        wide = [
+            f"arch.type={__file__}:WideCNN",
+            "arch.args={}",
+            f"data_loader.type={__file__}:SyntheticImages",
+            "data_loader.args={size: 640, batch_size: 64, validation_split: 128, num_workers: 0}",
+            "loss=nll_loss",
+            "optimizer.args.lr=1e-3",
+        ]
         trainer, plain = build("configs/mnist.yaml", directory, args.precision, *wide)
         interleaved("Wide CNN 3x64x64 (synthetic)", trainer, plain, args.pairs)
     startup()

@@ -1,5 +1,6 @@
 """stdlib logging from logger_config.yaml: a clean console, and info.log in the run's log directory holding
 everything the console showed plus the step-level detail and the traceback of a crash."""
+
 import logging
 import logging.config
 import logging.handlers
@@ -10,7 +11,17 @@ import yaml
 LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 # The project's own loggers: verbosity applies to these only, so that libraries (PIL, matplotlib, ...) keep
 # their WARNING level instead of flooding the console with their debug output.
-PROJECT_LOGGERS = ("train", "test", "parse_config", "base", "trainer", "model", "data_loader", "utils", "logger")
+PROJECT_LOGGERS = (
+    "train",
+    "test",
+    "parse_config",
+    "base",
+    "trainer",
+    "model",
+    "data_loader",
+    "utils",
+    "logger",
+)
 FILE_ONLY = {"file_only": True}  # logger.info(..., extra=FILE_ONLY): info.log only, never the console
 _CONFIG_FILE = Path(__file__).with_name("logger_config.yaml")
 
@@ -24,7 +35,8 @@ class ConsoleFilter(logging.Filter):
 
 def buffer_early_records() -> logging.handlers.MemoryHandler:
     """Hold what is logged before the run's log directory exists (device warnings, config notices), so that
-    setup_logging can send it to the console and to info.log; flush_early_records shows it if no run starts."""
+    setup_logging can send it to the console and to info.log; flush_early_records shows it if no run
+    starts."""
     buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     logging.root.addHandler(buffer)
     logging.root.setLevel(logging.INFO)
@@ -41,8 +53,9 @@ def flush_early_records(buffer: logging.handlers.MemoryHandler) -> None:
     buffer.buffer.clear()
 
 
-def setup_logging(log_dir: Path, verbosity: int = 2, early: logging.handlers.MemoryHandler | None = None,
-                  main: bool = True) -> None:
+def setup_logging(
+    log_dir: Path, verbosity: int = 2, early: logging.handlers.MemoryHandler | None = None, main: bool = True
+) -> None:
     """Configure logging; called once by an entry script after the config is validated. Records held by
     `early` are replayed through the new handlers. A DDP rank other than 0 (`main` false) writes no file
     and shows warnings and errors only."""

@@ -1,4 +1,5 @@
 """Loss functions named by `loss:` in the config."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,5 @@
 """Metrics named by `metrics:` in the config. They return tensors: reading them back is the tracker's job."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Example model: pytorch-template's LeNet for MNIST."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

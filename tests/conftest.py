@@ -61,7 +61,7 @@ def load(path: Path) -> dict:
 def save_consistent(state: dict, path: Path) -> Path:
     """torch.save a changed checkpoint with its digests recomputed, as an attacker or a careful editor would:
     what is tested next is what lies behind the content check."""
-    from utils.checkpoint_check import content_digests
+    from utils.checkpoint import content_digests
 
     state = {key: value for key, value in state.items() if key != "digests"}
     torch.save({**state, "digests": content_digests(state)}, path)

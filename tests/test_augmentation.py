@@ -2,12 +2,12 @@
 pass, sample index) alone, whichever worker loads it and whatever num_workers."""
 import pytest
 import torch
+from test_resume import MID, _reference
+from test_train_step import _assert_equal_states
 
 import train
 from base import BaseDataLoader
 from conftest import load, run_dir, tiny_config, write_config
-from test_resume import MID, _reference
-from test_train_step import _assert_equal_states
 
 AUGMENTED = [{"type": "RandomCrop", "args": {"size": 28, "padding": 2}}, {"type": "RandomHorizontalFlip"},
              {"type": "RandomRotation", "args": {"degrees": 10}}, {"type": "ToTensor"}]

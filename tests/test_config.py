@@ -9,7 +9,15 @@ import yaml
 
 import train
 from conftest import ROOT, TINY, files_under, tiny_config, write_config
-from parse_config import TOP_LEVEL, TRAINER, FloatSafeLoader, load_config_file, parse_args, parse_override, resolve_type
+from parse_config import (
+    TOP_LEVEL,
+    TRAINER,
+    FloatSafeLoader,
+    load_config_file,
+    parse_args,
+    parse_override,
+    resolve_type,
+)
 from utils.errors import ConfigError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.*"))
@@ -27,7 +35,7 @@ PYTORCH_TEMPLATE_CONFIG = {  # victoresque/pytorch-template's config.json, data_
 
 
 def parse(*argv: str):
-    return parse_args(list(argv), train.lookups())
+    return parse_args(list(argv), train.lookups())[0]
 
 
 def test_yaml_and_json_configs_are_the_same_run():

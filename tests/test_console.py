@@ -12,11 +12,12 @@ import termios
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_resume import MID, _reference
 
 import train
 from conftest import DATA_DIR, ROOT, files_under, load, run_dir, tiny_config, write_config
 from parse_config import parse_args
-from test_resume import MID, _reference
+from utils.run_directory import claim_run_directory
 
 
 def run_in_terminal(argv, cwd, timeout=120.0):
@@ -114,15 +115,13 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
 
 def test_run_ids_never_collide(tmp_path, capsys):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=1))
-    first = parse_args(["-c", str(path)], train.lookups())
-    second = parse_args(["-c", str(path)], train.lookups())
-    second.run_id = first.run_id  # as two processes started in the same second
-    train.claim_run_directory(first)
-    train.claim_run_directory(second)
-    assert second.run_id == f"{first.run_id}_2" and first.run_dir.is_dir() and second.run_dir.is_dir()
+    config, request = parse_args(["-c", str(path)], train.lookups())
+    first = claim_run_directory(config.trainer["save_dir"], config["name"], request.run_id)
+    second = claim_run_directory(config.trainer["save_dir"], config["name"], request.run_id)  # the same second
+    assert second.run_id == f"{first.run_id}_2" and first.checkpoints.is_dir() and second.checkpoints.is_dir()
     assert train.main(["-c", str(path), "--run-id", first.run_id]) == 2
-    assert capsys.readouterr().err == (f"error: --run-id {first.run_id}: {first.run_dir} already exists; choose "
-                                       f"another id, or continue that run with --resume {first.run_dir}\n")
+    assert capsys.readouterr().err == (f"error: --run-id {first.run_id}: {first.checkpoints} already exists; choose "
+                                       f"another id, or continue that run with --resume {first.checkpoints}\n")
 
 
 @pytest.mark.slow
@@ -140,8 +139,8 @@ def test_two_processes_started_together_get_two_run_directories(tmp_path):
 
 def test_flags_and_overrides_in_any_order(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path))
-    config = parse_args(["-c", str(path), "trainer.epochs=1", "--lr", "1e-3", "trainer.verbosity=2", "--bs", "8",
-                         "seed=3"], train.lookups())
+    config, _ = parse_args(["-c", str(path), "trainer.epochs=1", "--lr", "1e-3", "trainer.verbosity=2", "--bs", "8",
+                            "seed=3"], train.lookups())
     assert (config.trainer["epochs"], config.trainer["verbosity"], config["seed"]) == (1, 2, 3)
     assert config["optimizer"]["args"]["lr"] == 1e-3 and config["data_loader"]["args"]["batch_size"] == 8
 

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+from test_train_step import LINEAR_NET
 
 import test as test_script
 import train
 from conftest import ROOT, load, run_dir, tiny_config, write_config
-from test_train_step import LINEAR_NET
 
 pytestmark = pytest.mark.slow
 COUNTING_DATASET = '''import os

@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 import yaml
+from test_distributed import COUNTING_DATASET
+from test_train_step import LINEAR_NET, _assert_equal_states
 
 import train
 import utils.checkpoint
 from conftest import ROOT, files_under, load, run_dir, tiny_config, write_config
-from test_distributed import COUNTING_DATASET
-from test_train_step import LINEAR_NET, _assert_equal_states
 
 PREEMPTER = '''import os, pathlib, signal, torch
 COUNTER = pathlib.Path({counter!r})

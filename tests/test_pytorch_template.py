@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import builders
 import new_project
 import parse_config
 import test as test_script
@@ -61,9 +62,9 @@ def test_old_config_schemas_are_mapped_with_a_notice(tmp_path, capsys, variant, 
     config.update({key: value for key, value in variant.items() if key != "trainer"})
     config["trainer"].update(variant.get("trainer", {}))
     path = write_config(tmp_path, config, "old.json")
-    parsed = parse_config.parse_args(["-c", str(path)], train.lookups())
+    parsed, request = parse_config.parse_args(["-c", str(path)], train.lookups())
     assert parsed.trainer["tensorboard"] is False and "tensorboard" not in parsed.data
-    assert [notice.split(": ", 1)[1][: len(expected)] for notice, expected in zip(parsed.notices, notices)] == notices
+    assert [notice.split(": ", 1)[1][: len(expected)] for notice, expected in zip(request.notices, notices)] == notices
     if "save_freq" in str(variant):
         assert parsed.trainer["save_period"] == 2 and parsed.trainer["monitor"] == "min val_loss"
     assert train.main(["-c", str(path), "--run-id", "old"]) == 0
@@ -244,7 +245,7 @@ def test_template_data_loaders_module_keeps_help_working(tmp_path, monkeypatch, 
     monkeypatch.syspath_prepend(str(tmp_path))
     import data_loaders_template
 
-    monkeypatch.setattr(train, "module_data", data_loaders_template)
+    monkeypatch.setattr(builders, "module_data", data_loaders_template)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
     assert exit_info.value.code == 0 and "trainer options" in capsys.readouterr().out

@@ -16,7 +16,7 @@ import train
 import utils.checkpoint
 from base.checkpointer import Checkpointer
 from conftest import ROOT, assert_same_training_state, load, run_dir, tiny_config, write_config
-from parse_config import newest_good_checkpoint
+from utils.checkpoint import newest_intact_checkpoint as newest_good_checkpoint
 
 # TINY: 256 training samples in batches of 32 -> 8 steps per epoch; 3 epochs -> 24 steps.
 MID_EPOCH_2_STEP = 13  # saving every 13 steps writes checkpoint-last.pth at epoch 2, batch 5

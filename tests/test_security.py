@@ -1,6 +1,5 @@
 """A checkpoint is data, never code: every attack below must be refused with nothing run and nothing written."""
 import pytest
-import torch
 
 import new_project
 import test as test_script

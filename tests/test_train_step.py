@@ -72,7 +72,8 @@ def test_clipping_matches_torch_clip_grad_norm_on_a_hand_computed_case():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = model.weight.detach().clone()
     model.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5
-    step.update(optimizer)
+    step.clip(optimizer)
+    step.optimizer_step(optimizer)
     assert step.grad_norm.item() == 5.0
     torch.testing.assert_close(model.weight.detach(), before - torch.tensor([[0.6, 0.8]]))
     reference = torch.nn.Linear(2, 1, bias=False)
@@ -81,7 +82,7 @@ def test_clipping_matches_torch_clip_grad_norm_on_a_hand_computed_case():
     torch.testing.assert_close(reference.weight.grad, torch.tensor([[0.6, 0.8]]))
     valued = TrainStep(model, torch.device("cpu"), clip_value=0.5)
     model.weight.grad = torch.tensor([[3.0, -0.25]])
-    valued._clip()
+    valued.clip(optimizer)
     assert model.weight.grad.tolist() == [[0.5, -0.25]]
 
 
@@ -255,14 +256,14 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
     counter = _SyncCounter(monkeypatch)
     fit = BaseTrainer.fit
 
-    def counted_fit(self):
+    def counted_fit(self, run):
         counter.training = True
-        fit(self)
+        fit(self, run)
         counter.training = False
 
     monkeypatch.setattr(BaseTrainer, "fit", counted_fit)
     for cls, name in [(BaseTrainer, "_log_step"), (BaseTrainer, "_epoch"), (BaseTrainer, "_finish"),
-                      (BaseTrainer, "state"), (BatchStream, "__next__")]:
+                      (BaseTrainer, "verified_state"), (BatchStream, "__next__")]:
         counter.allow(cls, name, monkeypatch)
     logged_steps = []
     log_step = BaseTrainer._log_step

@@ -15,9 +15,10 @@ import train
 from base import BaseDataLoader, BaseModel
 from base.base_model import init_weights
 from conftest import DATA_DIR, assert_same_training_state, load, run_dir, tiny_config, write_config
-from data_loader.data_loaders import DEFAULT_TRANSFORMS, build_transforms
+from data_loader.data_loaders import DEFAULT_TRANSFORMS
 from model.metric import accuracy, top_k_acc
 from model.model import MnistModel
+from parse_config.loaders import compose_transforms as build_transforms
 from utils import device as device_utils
 
 

@@ -7,12 +7,13 @@ import logging
 import pytest
 import torch
 
+import builders
 import test as test_script
 import train
 import trainer.options
-from base.options import Option, integer
 from conftest import assert_same_training_state, files_under, load, run_dir, tiny_config, write_config
 from parse_config import parse_args
+from parse_config.options import Option, integer
 
 LINEAR_PROJECT = '''
 import torch
@@ -139,16 +140,16 @@ def parse(tmp_path, config, *overrides):
 
 
 def test_loss_class_is_built_once_with_its_args_and_torch_nn_losses_by_short_name(tmp_path, project):
-    config = parse(tmp_path, linear_config(tmp_path, project))
-    criterion, metrics = train.loss_and_metrics(config)
+    config, _ = parse(tmp_path, linear_config(tmp_path, project))
+    criterion, metrics = builders.loss_and_metrics(config)
     assert type(criterion).__name__ == "WeightedCE" and criterion.smoothing == 0.1
     assert criterion.weight.tolist() == [1.0, 2.0] and type(criterion).built == 1
     output, target = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 1, 1])
     assert metrics["float_accuracy"](output, target) == pytest.approx(2 / 3)
     assert metrics["top1"](output, target).item() == pytest.approx(2 / 3)
-    smooth = parse(tmp_path, {**linear_config(tmp_path, project),
+    smooth, _ = parse(tmp_path, {**linear_config(tmp_path, project),
                               "loss": {"type": "CrossEntropyLoss", "args": {"label_smoothing": 0.2}}})
-    criterion, _ = train.loss_and_metrics(smooth)
+    criterion, _ = builders.loss_and_metrics(smooth)
     assert isinstance(criterion, torch.nn.CrossEntropyLoss) and criterion.label_smoothing == 0.2
 
 
@@ -192,8 +193,8 @@ def test_foreign_dataloader_resumes_exactly_mid_epoch(tmp_path, project, monkeyp
 
 
 def test_stateful_metric_is_exact_over_the_epoch_not_a_mean_of_batches(tmp_path, project):
-    config = parse(tmp_path, linear_config(tmp_path, project))
-    _, metrics = train.loss_and_metrics(config)
+    config, _ = parse(tmp_path, linear_config(tmp_path, project))
+    _, metrics = builders.loss_and_metrics(config)
     from utils.metrics import EpochMetrics
 
     tracker = EpochMetrics(metrics, torch.device("cpu"))
@@ -258,7 +259,7 @@ def test_test_script_fails_loudly_on_empty_test_data(tmp_path, project, capsys):
 
 def test_monitor_knows_about_a_validation_section_and_split_validation_overrides(tmp_path, project, capsys):
     config = linear_config(tmp_path, project, monitor="max val_f1")
-    assert parse(tmp_path, config).trainer["monitor"] == "max val_f1"
+    assert parse(tmp_path, config)[0].trainer["monitor"] == "max val_f1"
     del config["valid_data_loader"]
     path = write_config(tmp_path, config)
     assert train.main(["-c", str(path)]) == 2
@@ -269,7 +270,7 @@ def test_monitor_knows_about_a_validation_section_and_split_validation_overrides
                           "class Splitting(BlobLoader):\n    def split_validation(self):\n"
                           "        return BlobLoader(16, training=False)\n")
     config["data_loader"]["type"] = f"{overriding}:Splitting"
-    assert parse(tmp_path, config).trainer["monitor"] == "max val_f1"
+    assert parse(tmp_path, config)[0].trainer["monitor"] == "max val_f1"
 
 
 def test_a_dataloader_section_that_is_neither_loader_nor_dataset_is_refused(tmp_path, project, capsys):
@@ -300,10 +301,10 @@ def test_project_keys_declared_undeclared_and_misspelt(tmp_path, project, monkey
     config = linear_config(tmp_path, project)
     config["num_classes"] = 2
     config["trainer"]["notes"] = "kept for my code"
-    parsed = parse(tmp_path, config)
+    parsed, request = parse(tmp_path, config)
     assert parsed["num_classes"] == 2 and parsed.trainer["warmup_epochs"] == 0
     assert parsed.trainer["notes"] == "kept for my code"
-    assert any("trainer.notes: not a torchkiln key: kept for your code" in n for n in parsed.notices)
+    assert any("trainer.notes: not a torchkiln key: kept for your code" in n for n in request.notices)
     path = write_config(tmp_path, {**config, "num_classes": 1})
     assert train.main(["-c", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: num_classes: must be an integer >= 2, not 1\n"
@@ -420,7 +421,7 @@ def test_yaml_off_is_accepted_for_monitor(tmp_path):
     import yaml
     path.write_text(yaml.safe_dump(config).replace("OFF_PLACEHOLDER", "off"))
     assert yaml.safe_load(path.read_text())["trainer"]["monitor"] is False
-    assert parse_args(["-c", str(path)], train.lookups()).trainer["monitor"] is False
+    assert parse_args(["-c", str(path)], train.lookups())[0].trainer["monitor"] is False
     assert train.main(["-c", str(path), "--run-id", "off"]) == 0
     assert not (run_dir(tmp_path, "off") / "model_best.pth").exists()
 

@@ -1,4 +1,1 @@
-"""The training loop users edit."""
-from .trainer import Trainer, evaluate
-
-__all__ = ["Trainer", "evaluate"]
+"""The training loop users edit (trainer.py) and the project's own config keys (options.py)."""

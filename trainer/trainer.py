@@ -1,4 +1,5 @@
 """The per-batch training loop: the file users are expected to edit."""
+
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterable
 
@@ -12,36 +13,55 @@ from utils.metrics import EpochMetrics
 
 
 class Trainer(BaseTrainer):
-    """One epoch of training and one of validation; everything else lives in BaseTrainer. `self.step` holds
-    the mechanics of precision, accumulation, clipping and EMA (base/train_step.py)."""
+    """One epoch of training and one of validation; everything else lives in BaseTrainer, whose docstring
+    states what the loop must call. `self.step` holds the mechanics of precision, accumulation, clipping,
+    EMA and the non-finite policy (base/train_step.py)."""
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        for batch_idx, (data, target) in self._train_batches(epoch):
+        for batch_idx, (data, target) in self.train_batches(epoch):
             data, target = self.to_device(data, target)
-            with self.step.accumulating(batch_idx):  # DDP all-reduces only at the end of a window
+            with self.step.accumulating(batch_idx):  # DDP all-reduces gradients only at the end of a window
                 with self.step.autocast():
                     output = self.model(data)
-                    loss = self.criterion(output, target)  # a second loss term goes here: loss = loss + w * aux
-                self.step.backward(loss, batch_idx)  # scaled by 1/window, and by the GradScaler under 16-mixed
-            self._record(epoch, batch_idx, loss, output, target)
+                    loss = self.criterion(output, target)  # a second term goes here: loss = loss + w * aux
+                self.step.backward(loss, batch_idx, self.batch_share)  # / window; GradScaler under 16-mixed
+            self.record_batch(loss, output, target)
             if self.step.window_done(batch_idx):
-                self.step.update(self.optimizer, skip=self._skip_window())  # unscale, clip, step, zero_grad, EMA
-                self._after_step(epoch, batch_idx, data, loss)
+                self.step.clip(self.optimizer)  # unscales first under 16-mixed; off unless configured
+                self.step.optimizer_step(self.optimizer)  # + the EMA; no step after a nan under `skip`
+                self.optimizer.zero_grad(set_to_none=True)
+                self.after_optimizer_step(epoch, batch_idx, data, loss)
         return self.train_metrics.result()
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
-        progress = tqdm(self.valid_data_loader, desc=f"valid {epoch}/{self.epochs}", leave=False,
-                        disable=not self._show_progress)
-        return evaluate(self.step.eval_model, progress, self.criterion, self.valid_metrics, self.device,
-                        self.step.autocast, self.options["channels_last"])
+        progress = tqdm(
+            self.valid_data_loader,
+            desc=f"valid {epoch}/{self.epochs}",
+            leave=False,
+            disable=not self._show_progress,
+        )
+        return evaluate(
+            self.step.eval_model,
+            progress,
+            self.criterion,
+            self.valid_metrics,
+            self.device,
+            self.step.autocast,
+            self.options["channels_last"],
+        )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, criterion: Callable[[Any, Any], torch.Tensor],
-             metrics: EpochMetrics, device: torch.device,
-             autocast: Callable[[], AbstractContextManager] = nullcontext, channels_last: bool = False
-             ) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    criterion: Callable[[Any, Any], torch.Tensor],
+    metrics: EpochMetrics,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Mean loss and metrics over `batches` in eval mode, in the training precision; shared by validation
     and test.py."""
     model.eval()

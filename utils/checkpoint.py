@@ -1,20 +1,27 @@
-"""Checkpoint files: atomic writes, weights_only loads, and readable state_dict mismatch reports."""
+"""The checkpoint file format: atomic writes, a content digest per part, weights_only loads, the reader of
+pytorch-template's pickled files, and the newest intact file of a run. What a checkpoint holds is
+base/checkpointer.py's business."""
+
 import errno
+import hashlib
 import json
+import logging
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
-from .checkpoint_check import DIGESTS, content_digests, first_nonfinite, verify_digests
 from .errors import CheckpointError, TrainingError
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: content digests
+DIGESTS = "digests"
+CONFIG = "config"  # the run's config as plain data (pytorch-template's key)
+WEIGHTS = "state_dict"  # the model's weights (pytorch-template's key)
+LEGACY = "legacy"  # marks a pytorch-template checkpoint read through stand-ins
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -33,8 +40,9 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
         _fsync_directory(path.parent)
     except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer reports a full disk so
         temp.unlink(missing_ok=True)
-        raise TrainingError(f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one "
-                            "is intact") from error
+        raise TrainingError(
+            f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one is intact"
+        ) from error
     for stale in path.parent.glob(f".*{_TEMP_SUFFIX}"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
 
@@ -97,7 +105,8 @@ def _load_safely(path: Path) -> Any:
 
 
 class _Inert:
-    """Stands in for a class or function a pickle names: built from the pickled data, it runs none of its code."""
+    """Stands in for a class or function a pickle names: built from the pickled data, it runs none of its
+    code."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.args, self.kwargs = args, kwargs
@@ -120,13 +129,18 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
         return None
-    parser = state.get("config") if isinstance(state, dict) else None
+    parser = state.get(CONFIG) if isinstance(state, dict) else None
     config = getattr(parser, "_config", None)
-    if not isinstance(state.get("state_dict"), dict) or not isinstance(config, dict) or "arch" not in state:
+    if not isinstance(state.get(WEIGHTS), dict) or not isinstance(config, dict) or "arch" not in state:
         return None
-    weights = {key.removeprefix("module."): value for key, value in state["state_dict"].items()}
-    return {"version": 0, "legacy": True, "epoch": state.get("epoch"), "state_dict": weights,
-            "config": json.loads(json.dumps(config, default=str))}
+    weights = {key.removeprefix("module."): value for key, value in state[WEIGHTS].items()}
+    return {
+        "version": 0,
+        LEGACY: True,
+        "epoch": state.get("epoch"),
+        WEIGHTS: weights,
+        CONFIG: json.loads(json.dumps(config, default=str)),
+    }
 
 
 def _first_line(error: Exception) -> str:
@@ -138,17 +152,48 @@ def load_checkpoint(path: Path) -> dict:
     """Load a torchkiln checkpoint, verify its content digests and check that this version can read it."""
     path = Path(path)
     state = _load_safely(path)
-    if not isinstance(state, dict) or "state_dict" not in state or not isinstance(state.get("version"), int) \
-            or isinstance(state["version"], bool) or state["version"] < 0:
+    if (
+        not isinstance(state, dict)
+        or WEIGHTS not in state
+        or not isinstance(state.get("version"), int)
+        or isinstance(state["version"], bool)
+        or state["version"] < 0
+    ):
         raise CheckpointError(f"{path}: not a torchkiln checkpoint (no valid 'version' and 'state_dict')")
     if state["version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {state['version']} is newer than this torchkiln reads "
             f"({FORMAT_VERSION}); update torchkiln to load it"
         )
-    if not state.get("legacy"):
+    if not is_legacy(state):
         verify_digests(state, path)
     return state
+
+
+def is_legacy(state: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint was written by pytorch-template: weights and config, no training state."""
+    return bool(state.get(LEGACY))
+
+
+def stored_config(state: Mapping[str, Any], path: Path) -> dict:
+    """The config a checkpoint was written with, as plain data ({} when it has none)."""
+    config = state.get(CONFIG) or {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its '{CONFIG}' is not a mapping")
+    return config
+
+
+def newest_intact_checkpoint(path: Path) -> tuple[Path, dict]:
+    """A checkpoint file, or a run directory's newest checkpoint that is intact: a damaged newest one is
+    skipped with a warning."""
+    if not path.is_dir():
+        return path, load_checkpoint(path)
+    for candidate in sorted(path.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return candidate, load_checkpoint(candidate)
+        except CheckpointError as error:
+            logger.warning("%s; falling back to the next newest checkpoint", error)
+    raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
 
 
 def load_state_dict_file(path: Path) -> dict:
@@ -157,70 +202,57 @@ def load_state_dict_file(path: Path) -> dict:
     state = _load_safely(path)
     if isinstance(state, dict) and DIGESTS in state:  # a torchkiln checkpoint: verified like any other load
         verify_digests(state, path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    if isinstance(state, dict) and isinstance(state.get(WEIGHTS), dict):
+        state = state[WEIGHTS]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path}: holds neither a checkpoint nor a state_dict of tensors")
     if state and all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
-        state = {key[len("module."):]: value for key, value in state.items()}
+        state = {key[len("module.") :]: value for key, value in state.items()}
     return state
 
 
-def _compare(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    return {
-        "missing": [key for key in own if key not in state_dict],
-        "unexpected": [key for key in state_dict if key not in own],
-        "shape-mismatched": [key for key in own if key in state_dict and state_dict[key].shape != own[key].shape],
-    }
+def content_digests(state: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 of each top-level part's content (tensor bytes, dtypes, shapes, values, key order-free)."""
+    return {key: _digest(value) for key, value in state.items() if key != DIGESTS}
 
 
-def _describe(problems: Mapping[str, list[str]], own: Mapping[str, torch.Tensor],
-              state_dict: Mapping[str, torch.Tensor], shown: int = 3) -> str:
-    def label(kind: str, key: str) -> str:
-        if kind != "shape-mismatched":
-            return key
-        return f"{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-
-    parts = []
-    for kind, keys in problems.items():
-        if keys:
-            more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-            parts.append(f"{len(keys)} {kind}: {', '.join(label(kind, key) for key in keys[:shown])}{more}")
-    return "; ".join(parts)
+def _digest(value: Any) -> str:
+    hasher = hashlib.sha256()
+    _feed(hasher, value)
+    return hasher.hexdigest()
 
 
-def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Load strictly, naming the first missing, unexpected and mis-shaped keys, or a tensor that is not finite."""
-    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{source}: its weights are not a state_dict of tensors")
-    bad = first_nonfinite(state_dict)
-    if bad:
-        raise CheckpointError(f"{source}: its weight '{bad}' holds nan or inf; resume from an earlier checkpoint")
-    own = model.state_dict()
-    problems = _compare(own, state_dict)
-    if any(problems.values()):
-        raise CheckpointError(f"{source}: its state_dict does not fit the configured model: "
-                              f"{_describe(problems, own, state_dict)}")
-    model.load_state_dict(state_dict)
+def _feed(hasher: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        hasher.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    elif isinstance(value, Mapping):
+        hasher.update(b"{")
+        for key in sorted(value, key=repr):
+            hasher.update(repr(key).encode())
+            _feed(hasher, value[key])
+        hasher.update(b"}")
+    elif isinstance(value, (list, tuple)) and all(type(item) in (int, float, str, bool) for item in value):
+        hasher.update(f"{type(value).__name__}:{value!r};".encode())  # RNG states: one update, not 625
+    elif isinstance(value, (list, tuple)):
+        hasher.update(b"[" if isinstance(value, list) else b"(")
+        for item in value:
+            _feed(hasher, item)
+        hasher.update(b"]")
+    else:
+        hasher.update(f"{type(value).__name__}:{value!r};".encode())
 
 
-def load_matching_weights(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Path, strict: bool, exclude: list[str]
-) -> dict[str, int]:
-    """Copy the tensors that fit (the partial-update and drop-the-head recipes); return the counts."""
-    patterns = [re.compile(pattern) for pattern in exclude]
-    kept = {key: value for key, value in state_dict.items() if not any(p.search(key) for p in patterns)}
-    own = model.state_dict()
-    problems = _compare(own, kept)
-    if strict and any(problems.values()):
-        raise CheckpointError(f"{source}: init_from with strict: true, but {_describe(problems, own, kept)}")
-    mismatched = set(problems["shape-mismatched"])
-    loadable = {key: value for key, value in kept.items() if key in own and key not in mismatched}
-    model.load_state_dict(loadable, strict=False)
-    return {
-        "loaded": len(loadable),
-        "excluded": len(state_dict) - len(kept),
-        "missing": len(problems["missing"]),
-        "shape-mismatched": len(mismatched),
-        "unexpected": len(problems["unexpected"]),
-    }
+def verify_digests(state: Mapping[str, Any], path: Any) -> None:
+    """Refuse a file whose content no longer matches what was written, naming the damaged parts."""
+    written = state.get(DIGESTS)
+    if not isinstance(written, Mapping):
+        raise CheckpointError(f"{path}: has no content digests (damaged, or not written by this torchkiln)")
+    now = content_digests(state)
+    damaged = sorted(set(now) ^ set(written) | {key for key in now if now[key] != written.get(key)})
+    if damaged:
+        raise CheckpointError(
+            f"{path}: damaged: its {', '.join(damaged)} do not match the digest written with "
+            "it; resume from an earlier checkpoint"
+        )

@@ -1,4 +1,5 @@
 """Device choice and the DataLoader settings that depend on it."""
+
 import logging
 import os
 from typing import Any
@@ -6,6 +7,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -15,8 +17,12 @@ def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
     torchrun each process uses the GPU of its LOCAL_RANK."""
     available = torch.cuda.device_count()
     if n_gpu > available:
-        logger.warning("n_gpu is %d but %d GPU(s) are available here; training on %s",
-                       n_gpu, available, f"{available} GPU(s)" if available else "the CPU")
+        logger.warning(
+            "n_gpu is %d but %d GPU(s) are available here; training on %s",
+            n_gpu,
+            available,
+            f"{available} GPU(s)" if available else "the CPU",
+        )
         n_gpu = available
     if n_gpu > 0 and distributed.launched_by_torchrun():
         return torch.device(f"cuda:{distributed.local_rank()}"), [distributed.local_rank()]
@@ -34,7 +40,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def batch_to_device(data: Any, target: Any, device: torch.device, channels_last: bool = False) -> tuple[Any, Any]:
+def batch_to_device(
+    data: Any, target: Any, device: torch.device, channels_last: bool = False
+) -> tuple[Any, Any]:
     """A (data, target) batch on `device`; a 4-D image batch in channels_last when the model is."""
     data, target = to_device(data, device), to_device(target, device)
     if channels_last and isinstance(data, torch.Tensor) and data.dim() == 4:
@@ -61,3 +69,15 @@ def resolve_num_workers(num_workers: int | str) -> int:
 def resolve_pin_memory(pin_memory: bool | str) -> bool:
     """`auto`: pinned host memory only pays off for copies to a CUDA device."""
     return torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
+
+
+def check_precision(precision: str | int, device: torch.device) -> None:
+    """Refuse a mode torch cannot run on this device, naming the one to use instead."""
+    precision = str(precision)
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"trainer.precision: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; "
+            "use precision: 16-mixed"
+        )
+    if precision != "32" and not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"trainer.precision: torch has no autocast on {device.type}; use precision: 32")

@@ -1,4 +1,10 @@
-"""Project errors: the entry scripts turn them into one line on stderr instead of a traceback."""
+"""Project errors: the entry scripts turn them into one line on stderr instead of a traceback, and the
+exit."""
+
+import logging
+import multiprocessing
+import os
+import sys
 
 
 class ConfigError(Exception):
@@ -19,3 +25,17 @@ class TrainingInterrupted(Exception):
     def __init__(self, exit_status: int, message: str):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+def exit_after(status: int) -> None:
+    """Exit with `status`. A failed run (1) has said its one line and closed its files; it kills its remaining
+    DataLoader workers (they share its stderr, and print tracebacks when they find the parent gone) and leaves
+    without Python's teardown, where their threads could do the same."""
+    if status == 1:
+        for child in multiprocessing.active_children():
+            child.kill()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -1,4 +1,5 @@
 """Running means of losses and metrics, kept on the device so that training never waits on the host."""
+
 import logging
 from typing import Any, Callable
 
@@ -11,8 +12,8 @@ logger = logging.getLogger(__name__)
 
 
 class MetricTracker:
-    """Sample-weighted means. Tensor values are summed on the device and `result()` is the single host sync per
-    read; Python numbers (pytorch-template's metrics return them) are summed on the host. Also keeps
+    """Sample-weighted means. Tensor values are summed on the device and `result()` is the single host sync
+    per read; Python numbers (pytorch-template's metrics return them) are summed on the host. Also keeps
     pytorch-template's interface: `MetricTracker(*keys, writer=None)`, `update`, `avg`, `result`."""
 
     def __init__(self, *keys: str, writer: Any = None, device: torch.device | None = None):
@@ -39,28 +40,35 @@ class MetricTracker:
     def totals(self) -> torch.Tensor:
         """Sums then counts of every key, summed over DDP ranks: the one tensor an epoch reads back."""
         device = next((s.device for s in self._sums.values() if isinstance(s, torch.Tensor)), self.device)
-        sums = [torch.as_tensor(0.0 if total is None else total, dtype=torch.float32, device=device)
-                for total in self._sums.values()]
+        sums = [
+            torch.as_tensor(0.0 if total is None else total, dtype=torch.float32, device=device)
+            for total in self._sums.values()
+        ]
         counts = torch.tensor([float(self._counts[key]) for key in self.keys], device=device)
         return distributed.all_reduce_sum(torch.cat([torch.stack(sums), counts]) if sums else counts)
 
     def result(self) -> dict[str, float]:
         values = self.totals().tolist() if self.keys else []
-        sums, counts = values[: len(self.keys)], values[len(self.keys):]
+        sums, counts = values[: len(self.keys)], values[len(self.keys) :]
         return {key: total / count for key, total, count in zip(self.keys, sums, counts) if count}
 
     def avg(self, key: str) -> float:
         return self.result()[key]
 
     def state_dict(self) -> dict:
-        sums = {key: total.cpu() if isinstance(total, torch.Tensor) else total
-                for key, total in self._sums.items() if total is not None}
+        sums = {
+            key: total.cpu() if isinstance(total, torch.Tensor) else total
+            for key, total in self._sums.items()
+            if total is not None
+        }
         return {"sums": sums, "counts": dict(self._counts)}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.reset()
         for key, total in state["sums"].items():
-            self._sums[key] = total.to(device) if isinstance(total, torch.Tensor) else total
+            self._sums[key] = (
+                total.to(self.device or total.device) if isinstance(total, torch.Tensor) else total
+            )
         self._counts.update(state["counts"])
 
 
@@ -80,7 +88,8 @@ class EpochMetrics:
         self.per_batch = {name: metric for name, metric in metrics.items() if name not in self.stateful}
         self.tracker = MetricTracker("loss", *self.per_batch, device=device)
         for metric in self.stateful.values():
-            if callable(getattr(metric, "persistent", None)):  # torchmetrics keeps its state out of state_dict()
+            # torchmetrics keeps its state out of state_dict() unless told otherwise
+            if callable(getattr(metric, "persistent", None)):
                 metric.persistent(True)
             if isinstance(metric, nn.Module):
                 metric.to(device)
@@ -111,18 +120,23 @@ class EpochMetrics:
         return {name: values[name] for name in self.names if name in values}
 
     def state_dict(self) -> dict:
-        stateful = {name: metric.state_dict() for name, metric in self.stateful.items()
-                    if callable(getattr(metric, "state_dict", None))}
+        stateful = {
+            name: metric.state_dict()
+            for name, metric in self.stateful.items()
+            if callable(getattr(metric, "state_dict", None))
+        }
         return {**self.tracker.state_dict(), "stateful": stateful}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.reset()
-        self.tracker.load_state_dict(state, device)
+        self.tracker.load_state_dict(state)
         for name, metric in self.stateful.items():
             if name in state.get("stateful", {}) and callable(getattr(metric, "load_state_dict", None)):
                 metric.load_state_dict(state["stateful"][name])
             else:
-                logger.warning("metric %s has no state_dict(): it restarts its count at the resumed batch", name)
+                logger.warning(
+                    "metric %s has no state_dict(): it restarts its count at the resumed batch", name
+                )
 
 
 def _as_float(value: Any) -> float:

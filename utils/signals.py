@@ -1,4 +1,5 @@
 """Stop on SIGINT/SIGTERM/SIGHUP at a safe point instead of dying mid-step."""
+
 import os
 import signal
 import threading

@@ -3,14 +3,20 @@
 The project's own model/, data_loader/, trainer/ and any file named by `file.py:Name` are the user's code;
 base/, utils/, logger/, the entry scripts and installed packages are not.
 """
+
 import re
 import sysconfig
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_FRAMEWORK = tuple(str(ROOT / name) for name in ("base", "utils", "logger", "parse_config.py", "train.py", "test.py"))
-_LIBRARIES = tuple({str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "purelib", "platlib")})
+_FRAMEWORK = tuple(
+    str(ROOT / name)
+    for name in ("base", "utils", "logger", "parse_config", "builders.py", "train.py", "test.py")
+)
+_LIBRARIES = tuple(
+    {str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "purelib", "platlib")}
+)
 _WORKER_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+, in .*$')
 SHOWN_FRAMES = 6
 
@@ -38,13 +44,15 @@ def _worker_user_lines(message: str) -> list[str]:
     for index, line in enumerate(lines):
         match = _WORKER_FRAME.match(line)
         if match and is_user_file(match.group(1)):
-            kept += [line.rstrip()] + [lines[index + 1].rstrip()] if index + 1 < len(lines) else [line.rstrip()]
+            kept += (
+                [line.rstrip()] + [lines[index + 1].rstrip()] if index + 1 < len(lines) else [line.rstrip()]
+            )
     return kept
 
 
 def describe(error: BaseException) -> str:
-    """`error: Type: message` and the user's frames (a short traceback), or the whole traceback when the user's
-    code is not involved: then it is a bug of ours and every frame matters."""
+    """`error: Type: message` and the user's frames (a short traceback), or the whole traceback when the
+    user's code is not involved: then it is a bug of ours and every frame matters."""
     frames = user_frames(error)
     worker_lines = _worker_user_lines(str(error))
     if not frames and not worker_lines:
@@ -52,14 +60,32 @@ def describe(error: BaseException) -> str:
     headline = str(error).splitlines()[0] if str(error).strip() else ""
     last_line = str(error).strip().splitlines()[-1] if worker_lines else headline
     shown = traceback.format_list(frames[-SHOWN_FRAMES:])
-    where = "".join(shown).rstrip().splitlines() + worker_lines[-2 * SHOWN_FRAMES:]
+    where = "".join(shown).rstrip().splitlines() + worker_lines[-2 * SHOWN_FRAMES :]
     summary = f"{type(error).__name__}: {last_line}" if not worker_lines else f"{headline} {last_line}"
     return "\n".join([f"error: {summary}", "in your code (most recent call last):", *where])
 
 
 def worker_death(error: BaseException) -> str | None:
     """One line for a DataLoader worker that died (killed, out of memory, os._exit in a dataset)."""
-    if isinstance(error, RuntimeError) and "DataLoader worker" in str(error) and "exited unexpectedly" in str(error):
-        return (f"{str(error).splitlines()[0]}; the last good checkpoint is kept (a worker dies when killed or out "
-                "of memory: try fewer num_workers, or num_workers: 0 to see the dataset's own error)")
+    if (
+        isinstance(error, RuntimeError)
+        and "DataLoader worker" in str(error)
+        and "exited unexpectedly" in str(error)
+    ):
+        return (
+            f"{str(error).splitlines()[0]}; the last good checkpoint is kept (a worker dies when killed or "
+            "out of memory: try fewer num_workers, or num_workers: 0 to see the dataset's own error)"
+        )
     return None
+
+
+def compile_failure(error: BaseException) -> str | None:
+    """One line for an error raised by torch.compile's machinery, naming the option that turns it off."""
+    module = type(error).__module__
+    if not module.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"torch.compile failed ({type(error).__name__}: {reason}); set trainer.compile: false to train "
+        "without it"
+    )

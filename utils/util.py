@@ -1,4 +1,5 @@
 """pytorch-template's small helpers, kept under their old names so that project code importing them runs."""
+
 import json
 from collections import OrderedDict
 from itertools import repeat

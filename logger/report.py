@@ -1,10 +1,13 @@
 """What a person reads: the header that introduces a run, one line per epoch, and the summary at its end."""
+
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
+
+from utils import distributed
 
 
 def shown_path(path: Path) -> str:
@@ -38,35 +41,82 @@ def run_header(title: str, rows: dict[str, str]) -> str:
     return "\n".join([title] + [f"  {key:<{width}}  {value}" for key, value in rows.items()])
 
 
+def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
+    """The lines that introduce a run: its data, length, device, model and where everything goes (`run`'s
+    directories)."""
+    options, step, loader, monitor = trainer.options, trainer.step, trainer.data_loader, trainer.monitor
+    rows = {
+        "config": source,
+        "data": f"{describe_data('train', loader)}; {describe_data('valid', trainer.valid_data_loader)}",
+        "length": f"{trainer.epochs} epochs x {step.steps_per_epoch()} steps = "
+        f"{trainer.epochs * step.steps_per_epoch()} optimizer steps"
+        + (f" of {step.accumulate} batches" if step.accumulate > 1 else ""),
+        "device": f"{trainer.device}, precision {options['precision']}; workers {loader.num_workers}, "
+        f"pin_memory {str(loader.pin_memory).lower()}",
+        "model": parameter_counts(trainer.unwrapped_model),
+        "monitor": (
+            f"{monitor.mode} {monitor.metric} (* marks a new best)"
+            if monitor.metric
+            else "off: model_best.pth is not written"
+        ),
+        "run dir": shown_path(run.checkpoints),
+        "log dir": f"{shown_path(run.logs)} (info.log, metrics.csv"
+        f"{', TensorBoard' if options['tensorboard'] else ''})",
+    }
+    if distributed.is_distributed():
+        rows["processes"] = (
+            f"{distributed.world_size()} (DDP) x batch {loader.batch_size} = "
+            f"global batch {distributed.world_size() * loader.batch_size}"
+        )
+    return run_header(title, rows)
+
+
 def epoch_line(epoch: int, epochs: int, log: dict[str, float], seconds: float, improved: bool) -> str:
     """`epoch 3/10  loss 0.2311  val_loss 0.1021  lr 0.001  2.3s  *`: 4 significant digits, * = new best."""
     values = "  ".join(f"{key} {value:.4g}" for key, value in log.items() if key != "epoch")
     return f"epoch {epoch}/{epochs}  {values}  {seconds:.1f}s{'  *' if improved else ''}"
 
 
-def run_summary(seconds: float, epochs_done: int, stopped_early: bool, monitor: Any, run_dir: Path, log_dir: Path,
-                tensorboard: bool) -> str:
+def run_summary(
+    seconds: float,
+    epochs_done: int,
+    stopped_early: bool,
+    monitor: Any,
+    run_dir: Path,
+    log_dir: Path,
+    tensorboard: bool,
+) -> str:
     """Elapsed time, the best epoch and where things are, with the commands to run next."""
     how = f"stopped early after {epochs_done} epochs" if stopped_early else f"finished {epochs_done} epochs"
     lines = [f"Done: {how} in {_duration(seconds)}."]
     best = run_dir / "model_best.pth"
-    if monitor.metric and monitor.best_epoch is not None:
-        lines.append(f"  best      {monitor.metric} {monitor.best:.4g} at epoch {monitor.best_epoch}: "
-                     f"{shown_path(best)}")
+    if monitor.metric and monitor.monitor_best_epoch is not None:
+        lines.append(
+            f"  best      {monitor.metric} {monitor.monitor_best:.4g} at epoch {monitor.monitor_best_epoch}: "
+            f"{shown_path(best)}"
+        )
     last = run_dir / "checkpoint-last.pth"
     lines.append(f"  last      {shown_path(last)}")
     evaluated = best if monitor.metric and best.exists() else last
     lines.append(f"  test      python test.py --resume {shown_path(evaluated)}")
     curves = f"tensorboard --logdir {shown_path(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
     lines.append(f"  curves    {curves}; every scalar is also in {shown_path(log_dir / 'metrics.csv')}")
-    lines.append(f"  continue  python train.py --resume {shown_path(run_dir)} trainer.epochs={2 * epochs_done}")
+    lines.append(
+        f"  continue  python train.py --resume {shown_path(run_dir)} trainer.epochs={2 * epochs_done}"
+    )
     return "\n".join(lines)
 
 
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02.0f}s" if minutes else f"{seconds:.1f} s"
+    return (
+        f"{hours}h {minutes:02d}m"
+        if hours
+        else f"{minutes}m {seconds:02.0f}s"
+        if minutes
+        else f"{seconds:.1f} s"
+    )
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:

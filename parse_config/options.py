@@ -1,15 +1,11 @@
 """The option table: every framework-owned config key with its check, default and doc, in one place.
 
 It drives validation, the defaults written into config.yaml, and `train.py --help`. A project declares
-its own keys in the same form in `trainer/options.py`.
+its own keys in the same form in `trainer/options.py`. Imports no torch: `--help` lists this table at once.
 """
+
 import inspect
 from typing import Any, Callable, NamedTuple
-
-import torch
-
-from .base_model import INIT_SCHEMES
-from .monitor import parse_monitor
 
 REQUIRED = object()
 
@@ -24,6 +20,7 @@ class Option(NamedTuple):
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[Any], str | None]:
     """An int (not a bool) of at least `minimum` (and at most `maximum`)."""
+
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             return f"must be an integer >= {minimum}, not {value!r}"
@@ -36,6 +33,7 @@ def integer(minimum: int, maximum: int | None = None) -> Callable[[Any], str | N
 
 def number(minimum: float = float("-inf")) -> Callable[[Any], str | None]:
     """An int or float (not a bool) of at least `minimum`."""
+
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
             return f"must be a number >= {minimum}, not {value!r}"
@@ -46,7 +44,9 @@ def number(minimum: float = float("-inf")) -> Callable[[Any], str | None]:
 
 def choice(*choices: Any) -> Callable[[Any], str | None]:
     """One of `choices`."""
-    return lambda value: None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
+    return lambda value: (
+        None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
+    )
 
 
 def of_type(kind: type | tuple[type, ...], name: str) -> Callable[[Any], str | None]:
@@ -65,6 +65,19 @@ def string_list(value: Any) -> str | None:
     return f"must be a list of names, not {value!r}"
 
 
+def parse_monitor(text: object) -> tuple[str, str] | None:
+    """`off` -> None; `min val_loss` -> ('min', 'val_loss'); anything else raises ValueError. YAML 1.1 reads
+    an unquoted `off` as false, which means the same."""
+    if text == "off" or text is False:
+        return None
+    parts = text.split() if isinstance(text, str) else []
+    if len(parts) != 2 or parts[0] not in ("min", "max"):
+        raise ValueError(
+            f"must be 'off' or 'min <metric>' / 'max <metric>' (e.g. 'min val_loss'), not {text!r}"
+        )
+    return parts[0], parts[1]
+
+
 def _monitor(value: Any) -> str | None:
     try:
         parse_monitor(value)
@@ -74,15 +87,32 @@ def _monitor(value: Any) -> str | None:
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-_PRECISION_ALIASES = {"fp32": "32", "float32": "32", "32-true": "32", "fp16": "16-mixed", "16": "16-mixed",
-                      "half": "16-mixed", "float16": "16-mixed", "bf16": "bf16-mixed", "bfloat16": "bf16-mixed"}
+_PRECISION_ALIASES = {
+    "fp32": "32",
+    "float32": "32",
+    "32-true": "32",
+    "fp16": "16-mixed",
+    "16": "16-mixed",
+    "half": "16-mixed",
+    "float16": "16-mixed",
+    "bf16": "bf16-mixed",
+    "bfloat16": "bf16-mixed",
+}
 
 
 def _precision(value: Any) -> str | None:
     if str(value) in PRECISIONS and not isinstance(value, bool):
         return None
     hint = _PRECISION_ALIASES.get(str(value).lower())
-    return f"must be one of {', '.join(PRECISIONS)}, not {value!r}" + (f" (did you mean '{hint}'?)" if hint else "")
+    return f"must be one of {', '.join(PRECISIONS)}, not {value!r}" + (
+        f" (did you mean '{hint}'?)" if hint else ""
+    )
+
+
+def _init_scheme(value: Any) -> str | None:
+    from base.base_model import INIT_SCHEMES  # the schemes live with the code that applies them
+
+    return choice(*INIT_SCHEMES)(value)
 
 
 def _ema(value: Any) -> str | None:
@@ -101,9 +131,15 @@ def _compile(value: Any) -> str | None:
         return None
     if not isinstance(value, dict):
         return f"must be true, false or a mapping of torch.compile arguments, not {value!r}"
+    import torch  # only when a config sets compile options
+
     known = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
     unknown = [key for key in value if key not in known]
-    return f"'{unknown[0]}' is not an argument of torch.compile; it takes {', '.join(known)}" if unknown else None
+    return (
+        f"'{unknown[0]}' is not an argument of torch.compile; it takes {', '.join(known)}"
+        if unknown
+        else None
+    )
 
 
 def _callable_spec(value: Any) -> str | None:
@@ -121,25 +157,40 @@ def _callable_specs(value: Any) -> str | None:
 _boolean = of_type(bool, "true or false")
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 TOP_LEVEL = {
-    "name": Option(of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"),
+    "name": Option(
+        of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"
+    ),
     "n_gpu": Option(integer(0), 1, "GPUs to use; fewer are used (with a warning) when fewer exist"),
-    "seed": Option(integer(0, 2**63 - 1), 123,
-                   "seeds python, numpy, torch and CUDA, the data split and the data order"),
+    "seed": Option(
+        integer(0, 2**63 - 1), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"
+    ),
     "imports": Option(string_list, [], "packages a checkpoint's config may name types from (see SECURITY)"),
     "arch": Option(_section, REQUIRED, "the model: type, args, optional init and init_from"),
     "data_loader": Option(_section, REQUIRED, "training data: a DataLoader or Dataset type, args"),
-    "valid_data_loader": Option(optional(_section), None, "validation data (else the loader's split_validation())"),
-    "test_data_loader": Option(optional(_section), None, "test.py's data (else data_loader with training=False)"),
+    "valid_data_loader": Option(
+        optional(_section), None, "validation data (else the loader's split_validation())"
+    ),
+    "test_data_loader": Option(
+        optional(_section), None, "test.py's data (else data_loader with training=False)"
+    ),
     "optimizer": Option(_section, REQUIRED, "type from torch.optim (or a dotted path), args"),
-    "loss": Option(_callable_spec, REQUIRED, "name in model/loss.py or torch.nn, a dotted path, or {type, args}"),
-    "metrics": Option(_callable_specs, [], "names in model/metric.py or {type, args, name}: logged as m and val_m"),
-    "lr_scheduler": Option(optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"),
+    "loss": Option(
+        _callable_spec, REQUIRED, "name in model/loss.py or torch.nn, a dotted path, or {type, args}"
+    ),
+    "metrics": Option(
+        _callable_specs, [], "names in model/metric.py or {type, args, name}: logged as m and val_m"
+    ),
+    "lr_scheduler": Option(
+        optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"
+    ),
     "trainer": Option(of_type(dict, "a mapping"), {}, "the trainer options below"),
 }
 WRITTEN_ONLY = ("resolved",)  # config.yaml's record of what `auto` became: ignored when a config is read
 TRAINER = {
     "epochs": Option(integer(1), 10, "number of epochs to train"),
-    "save_dir": Option(of_type(str, "a path"), "saved/", "root of models/<name>/<run_id> and log/<name>/<run_id>"),
+    "save_dir": Option(
+        of_type(str, "a path"), "saved/", "root of models/<name>/<run_id> and log/<name>/<run_id>"
+    ),
     "save_period": Option(integer(1), 1, "write checkpoint-epoch<N>.pth every N epochs"),
     "keep_last": Option(integer(0), 0, "keep only the newest K epoch checkpoints (0 keeps all)"),
     "save_every_steps": Option(integer(0), 0, "write checkpoint-last.pth every N optimizer steps (0: off)"),
@@ -150,68 +201,67 @@ TRAINER = {
     "tensorboard_images": Option(_boolean, False, "log an input image grid per epoch"),
     "tensorboard_histograms": Option(_boolean, False, "log parameter histograms per epoch"),
     "log_step": Option(integer(1), 10, "log the training loss and LR every N batches"),
-    "len_epoch": Option(optional(integer(1)), None, "batches per epoch (iteration-based training); null: one pass"),
+    "len_epoch": Option(
+        optional(integer(1)), None, "batches per epoch (iteration-based training); null: one pass"
+    ),
     "lr_step": Option(choice("epoch", "batch"), "epoch", "step the LR scheduler per epoch or per batch"),
     "deterministic": Option(_boolean, False, "deterministic algorithms, cudnn.benchmark off"),
     "progress_bar": Option(_boolean, True, "tqdm bars (also off when stderr is not a terminal)"),
-    "on_nonfinite": Option(choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"),
-    "precision": Option(_precision, "32", "32, bf16-mixed or 16-mixed (autocast; 16-mixed adds a GradScaler)"),
+    "on_nonfinite": Option(
+        choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"
+    ),
+    "precision": Option(
+        _precision, "32", "32, bf16-mixed or 16-mixed (autocast; 16-mixed adds a GradScaler)"
+    ),
     "accumulate_grad_batches": Option(integer(1), 1, "batches per optimizer step (gradient accumulation)"),
     "clip_grad_norm": Option(optional(number(0)), None, "clip the total gradient norm to this (null: off)"),
     "clip_grad_value": Option(optional(number(0)), None, "clip each gradient element to +-this (null: off)"),
-    "ema": Option(_ema, None, "{decay: 0.999}: validate, pick model_best and test with an EMA of the weights"),
-    "compile": Option(_compile, False, "torch.compile the model: true, or its arguments {mode, fullgraph, ...}"),
+    "ema": Option(
+        _ema, None, "{decay: 0.999}: validate, pick model_best and test with an EMA of the weights"
+    ),
+    "compile": Option(
+        _compile, False, "torch.compile the model: true, or its arguments {mode, fullgraph, ...}"
+    ),
     "channels_last": Option(_boolean, False, "channels_last memory format for the model and image batches"),
-    "sync_batchnorm": Option(_boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"),
+    "sync_batchnorm": Option(
+        _boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"
+    ),
 }
 LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
+TRANSFORM_ARGS = ("transforms", "transform", "target_transform")  # lists of {type, args} from torchvision
 # Arguments that make torchvision fetch weights from the network: a checkpoint's config may not set them
 # (a dataset's `download` from a checkpoint is turned off instead: present data still loads).
 NETWORK_ARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
-SECTION_KEYS = {"arch": ("type", "args", "init", "init_from"), "optimizer": ("type", "args"),
-                "lr_scheduler": ("type", "args", "monitor"), **{key: ("type", "args") for key in LOADER_SECTIONS}}
-ARCH_EXTRAS = {
-    "init": Option(choice(*INIT_SCHEMES), None, "initialise Conv/Linear weights; BatchNorm to 1/0"),
-    "init_from": Option(of_type(dict, "a mapping"), None, "{path, strict: false, exclude: [regex]}: load weights"),
+SECTION_KEYS = {
+    "arch": ("type", "args", "init", "init_from"),
+    "optimizer": ("type", "args"),
+    "lr_scheduler": ("type", "args", "monitor"),
+    **{key: ("type", "args") for key in LOADER_SECTIONS},
 }
-RUNTIME_ARGS = {"optimizer": 1, "lr_scheduler": 1}  # params / optimizer, passed by train.py
+ARCH_EXTRAS = {
+    "init": Option(_init_scheme, None, "initialise Conv/Linear weights; BatchNorm to 1/0"),
+    "init_from": Option(
+        of_type(dict, "a mapping"), None, "{path, strict: false, exclude: [regex]}: load weights"
+    ),
+}
+RUNTIME_ARGS = {"optimizer": 1, "lr_scheduler": 1}  # params / optimizer, passed by the builders
 METRIC_KEYS = ("type", "args", "name")
 
 # Names users bring from PyTorch Lightning and older pytorch-template configs -> torchkiln's key path.
 KNOWN_ALIASES = {
-    "max_epochs": "trainer.epochs", "devices": "n_gpu", "gpus": "n_gpu", "log_every_n_steps": "trainer.log_step",
-    "default_root_dir": "trainer.save_dir", "gradient_clip_val": "trainer.clip_grad_norm",
-    "accumulate_grad_batches": "trainer.accumulate_grad_batches", "precision": "trainer.precision",
-    "grad_clip": "trainer.clip_grad_norm", "max_grad_norm": "trainer.clip_grad_norm",
-    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "bf16": "trainer.precision",
+    "max_epochs": "trainer.epochs",
+    "devices": "n_gpu",
+    "gpus": "n_gpu",
+    "log_every_n_steps": "trainer.log_step",
+    "default_root_dir": "trainer.save_dir",
+    "gradient_clip_val": "trainer.clip_grad_norm",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+    "precision": "trainer.precision",
+    "grad_clip": "trainer.clip_grad_norm",
+    "max_grad_norm": "trainer.clip_grad_norm",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "bf16": "trainer.precision",
     "fp16": "trainer.precision",
-    "deterministic": "trainer.deterministic", "enable_progress_bar": "trainer.progress_bar",
+    "deterministic": "trainer.deterministic",
+    "enable_progress_bar": "trainer.progress_bar",
 }
-
-
-def upgrade_legacy_schema(data: dict) -> list[str]:
-    """Map the 2018-2019 pytorch-template keys onto today's, in place; one notice per mapped key."""
-    notices = []
-    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else None
-
-    def moved(old: str, new: str) -> None:
-        notices.append(f"'{old}' is a pytorch-template key of 2018-2019: read as '{new}'; rename it to silence this")
-
-    for section, enabled_key in (("tensorboard", "enabled"), ("visualization", "tensorboardX")):
-        if isinstance(data.get(section), dict) and trainer is not None and enabled_key in data[section]:
-            trainer.setdefault("tensorboard", bool(data.pop(section)[enabled_key]))
-            moved(section, "trainer.tensorboard")
-    if trainer is None:
-        return notices
-    for old, new in (("tensorboardX", "tensorboard"), ("save_freq", "save_period"), ("verbose", "verbosity")):
-        if old in trainer:
-            trainer.setdefault(new, trainer.pop(old))
-            moved(f"trainer.{old}", f"trainer.{new}")
-    if "log_dir" in trainer:
-        trainer.pop("log_dir")
-        notices.append("'trainer.log_dir' is a pytorch-template key of 2018-2019: ignored, TensorBoard writes to "
-                       "save_dir/log/<name>/<run_id>; remove it to silence this")
-    if "monitor_mode" in trainer and isinstance(trainer.get("monitor"), str):
-        trainer["monitor"] = f"{trainer.pop('monitor_mode')} {trainer['monitor']}"
-        moved("trainer.monitor_mode", f"trainer.monitor: {trainer['monitor']}")
-    return notices

@@ -1,5 +1,6 @@
-"""The run's scalars: TensorBoard event files (through torch's SummaryWriter) and metrics.csv, behind
-explicit methods; TensorBoard's are no-ops when it is off, metrics.csv is always written."""
+"""The run's records: TensorBoard event files (through torch's SummaryWriter) and metrics.csv, behind one
+small interface; each writes only when it is on."""
+
 import csv
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,19 @@ CSV_NAME = "metrics.csv"
 CSV_COLUMNS = ["step", "tag", "value"]
 
 
-class TensorboardWriter:
-    """`purge_step` drops what a killed run logged past its last checkpoint, in TensorBoard and in
-    metrics.csv alike, so that resumed curves continue without gaps or duplicate rows."""
+class RunWriter:
+    """Scalars to TensorBoard and metrics.csv, images, histograms, hparams and the config to TensorBoard.
+    `purge_step` drops what a killed run logged past its last checkpoint, in both alike, so that resumed
+    curves continue without gaps or duplicate rows."""
 
-    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None, csv_enabled: bool = False):
+    def __init__(self, log_dir: Path, tensorboard: bool, csv: bool, purge_step: int | None = None):
         self._writer = None
         self._csv = None
-        if enabled:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, paid only when used
 
             self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-        if csv_enabled:
+        if csv:
             self._csv = _open_csv(Path(log_dir) / CSV_NAME, purge_step)
 
     def add_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:

@@ -3,6 +3,7 @@
 Also the trust policy for names read from a checkpoint (README, SECURITY) and the signature check that
 reports config args a constructor would reject.
 """
+
 import difflib
 import importlib
 import importlib.util
@@ -12,19 +13,33 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Union
 
-Lookup = Union[ModuleType, tuple[ModuleType, ...], None]  # where short names are found, first match wins
+from utils.errors import ConfigError
 
-from .errors import ConfigError
+Lookup = Union[ModuleType, tuple[ModuleType, ...], None]  # where short names are found, first match wins
 
 # Types a checkpoint's config may name (see resolve_type and README's SECURITY section).
 PROJECT_PACKAGES = ("model", "data_loader", "trainer", "base", "utils", "logger")
-DENIED_MODULES = ("torch.hub", "torch.serialization", "torch.jit", "torch.package", "torch.utils.cpp_extension",
-                  "torch.distributed", "torch.multiprocessing", "torch.onnx", "torch.export", "torch.compiler",
-                  "torch.utils.data.datapipes", "torchvision.io", "torchvision.datasets.utils")
+DENIED_MODULES = (
+    "torch.hub",
+    "torch.serialization",
+    "torch.jit",
+    "torch.package",
+    "torch.utils.cpp_extension",
+    "torch.distributed",
+    "torch.multiprocessing",
+    "torch.onnx",
+    "torch.export",
+    "torch.compiler",
+    "torch.utils.data.datapipes",
+    "torchvision.io",
+    "torchvision.datasets.utils",
+)
 _LOADER_BASES = ("torch.utils.data.DataLoader", "torch.utils.data.Dataset")
 UNTRUSTED_CLASS_BASES = {  # what a class named by a checkpoint's config must be, per section
     "arch": ("torch.nn.Module",),
-    "data_loader": _LOADER_BASES, "valid_data_loader": _LOADER_BASES, "test_data_loader": _LOADER_BASES,
+    "data_loader": _LOADER_BASES,
+    "valid_data_loader": _LOADER_BASES,
+    "test_data_loader": _LOADER_BASES,
     "loss": ("torch.nn.Module",),
     "optimizer": ("torch.optim.Optimizer",),
     "lr_scheduler": ("torch.optim.lr_scheduler.LRScheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"),
@@ -49,8 +64,9 @@ def _in_modules(module_name: str, prefixes: Any) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
 
 
-def resolve_type(name: str, lookup: Lookup, trusted: bool = True, allowed: tuple[str, ...] = (),
-                 section: str = "") -> Any:
+def resolve_type(
+    name: str, lookup: Lookup, trusted: bool = True, allowed: tuple[str, ...] = (), section: str = ""
+) -> Any:
     """The class or function `name` refers to. An untrusted name (from a checkpoint) may only reach public
     classes and functions of the project, torch, torchvision and `allowed`, never the file route, and
     its root package is checked before anything is imported."""
@@ -59,10 +75,11 @@ def resolve_type(name: str, lookup: Lookup, trusted: bool = True, allowed: tuple
     if ".py:" in name:
         if not trusted:
             raise ConfigError(
-                f"'{name}' is a Python file named by a checkpoint's config: refused, a downloaded checkpoint is data, "
-                "not code. If you trust that file, name it yourself: pass the same type on the command line "
-                f"(e.g. arch.type={name}) or in a -c config, or pass --trust-checkpoint-config (only for "
-                "checkpoints you made yourself)")
+                f"'{name}' is a Python file named by a checkpoint's config: refused, a downloaded "
+                "checkpoint is data, not code. If you trust that file, name it yourself: pass the same "
+                f"type on the command line (e.g. arch.type={name}) or in a -c config, or pass "
+                "--trust-checkpoint-config (only for checkpoints you made yourself)"
+            )
         obj = _from_file(name)
     elif "." not in name and lookup is not None:
         obj = _from_lookup(name, lookup if isinstance(lookup, tuple) else (lookup,))
@@ -153,9 +170,11 @@ def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str
 
 
 def _refusal(problem: str) -> ConfigError:
-    return ConfigError(f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, list its "
-                       "package under `imports:` in your own -c config, or pass --trust-checkpoint-config "
-                       "(only for checkpoints you made yourself)")
+    return ConfigError(
+        f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, list its "
+        "package under `imports:` in your own -c config, or pass --trust-checkpoint-config "
+        "(only for checkpoints you made yourself)"
+    )
 
 
 def check_arguments(obj: Any, args: dict, runtime_args: int = 0) -> list[tuple[str, str]]:

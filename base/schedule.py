@@ -1,0 +1,31 @@
+"""An LR scheduler together with when it steps, so that the trainer never asks the config."""
+
+from typing import Any
+
+import torch
+
+
+class Schedule:
+    """Steps `scheduler` after every optimizer step (`per_batch`) or at each epoch's end, on `metric` of the
+    epoch's log for ReduceLROnPlateau. Its state is the scheduler's own."""
+
+    def __init__(self, scheduler: Any, per_batch: bool, metric: str | None = None):
+        self.scheduler, self.per_batch, self.metric = scheduler, per_batch, metric
+
+    def after_optimizer_step(self) -> None:
+        if self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, log: dict[str, float]) -> None:
+        if self.per_batch:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(log[self.metric])
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)

@@ -1,0 +1,123 @@
+"""`Config`: the validated config as plain data, where each part came from, and the factory that builds from
+it.
+
+It holds no tensors, no checkpoint and no command-line flags (those are the `Request`'s), so it can be written
+to config.yaml and into checkpoints as it is.
+"""
+
+import re
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from utils.errors import ConfigError
+from utils.user_code import raised_in_user_code
+
+from .options import TRANSFORM_ARGS
+from .resolution import Lookup, resolve_type
+
+
+@dataclass
+class Config:
+    """`data` is the resolved config; `trusted_paths` the key paths the user gave on this command line
+    (None: all of it is the user's, no checkpoint config is involved), which decides how far a `type` may
+    reach."""
+
+    data: dict
+    source: str
+    user_data: dict = field(default_factory=dict)
+    trusted_paths: set[str] | None = None
+    allowed_imports: tuple[str, ...] = ()
+    overrides: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    @property
+    def trainer(self) -> dict:
+        return self.data["trainer"]
+
+    def is_trusted(self, key_path: str) -> bool:
+        """Whether the user gave this key (or the list it is in, for `metrics[1].type`) rather than a
+        checkpoint."""
+        if self.trusted_paths is None:
+            return True
+        in_list = re.sub(r"\[\d+\].*$", "", key_path)
+        return key_path in self.trusted_paths or (in_list != key_path and in_list in self.trusted_paths)
+
+    def located(self, path: str, problem: str) -> str:
+        """`file: key.path: problem`, or `override 'k=v': key.path: problem` when an override set that key."""
+        for text in self.overrides:
+            key = text.partition("=")[0]
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return f"override '{text}': {path}: {problem}"
+        return f"{self.source}: {path}: {problem}"
+
+    def resolve(self, key_path: str, name: str, lookup: Lookup) -> Any:
+        """Resolve a `type` found at key_path, with the trust its source deserves."""
+        section = re.sub(r"\[\d+\].*$", "", key_path.removesuffix(".type"))
+        section = "transform" if section.endswith(TRANSFORM_ARGS) else section
+        return resolve_type(name, lookup, self.is_trusted(key_path), self.allowed_imports, section)
+
+    def construct(
+        self, path: str, type_name: str, args: dict, lookup: Lookup, *runtime_args: Any, **runtime_kwargs: Any
+    ) -> Any:
+        """Call the class or function that `type_name` names with the config's args. An exception raised in
+        the user's own code propagates (their file and line, exit 1); one raised by a library on the
+        config's values is a ConfigError naming the key path."""
+        clash = sorted(set(args) & set(runtime_kwargs))
+        if clash:
+            raise ConfigError(
+                f"{self.source}: {path}.args.{clash[0]} is set in the config and passed by the code; "
+                "remove it from the config"
+            )
+        constructor = self.resolve(f"{path}.type", type_name, lookup)
+        try:
+            return constructor(*runtime_args, **args, **runtime_kwargs)
+        except ConfigError:
+            raise
+        except Exception as error:  # which code raised decides who is told: the user's code, or the config
+            if raised_in_user_code(error):
+                raise
+            key = _blamed_argument(error, args)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(
+                self.located(
+                    f"{path}.args{'.' + key if key else ''}", f"{type_name} refused its args: {reason}"
+                )
+            ) from None
+
+    def build(self, key: str, *runtime_args: Any, lookup: Lookup = None, **runtime_kwargs: Any) -> Any:
+        """Instantiate section `key` from its `type` and `args`, plus what only the code can provide."""
+        node = self.data[key]
+        return self.construct(
+            key, node["type"], dict(node.get("args") or {}), lookup, *runtime_args, **runtime_kwargs
+        )
+
+    def init_obj(self, key: str, module: ModuleType, *args: Any, **kwargs: Any) -> Any:
+        """pytorch-template's name for build()."""
+        return self.build(key, *args, lookup=module, **kwargs)
+
+    def init_ftn(self, key: str, module: ModuleType, *args: Any, **kwargs: Any) -> Callable:
+        """pytorch-template's partial application: section `key`'s function with its args (and those
+        given)."""
+        node = self.data[key]
+        function = self.resolve(f"{key}.type", node["type"], module)
+        return lambda *more_args, **more_kwargs: function(
+            *args, *more_args, **node.get("args", {}), **kwargs, **more_kwargs
+        )
+
+
+def _blamed_argument(error: Exception, args: dict) -> str | None:
+    """The one config arg a library's error message is about (by name or value), if it can be told."""
+    message = str(error)
+    by_name = [key for key in args if re.search(rf"\b{re.escape(key)}\b", message)]
+    by_value = [
+        key
+        for key, value in args.items()
+        if isinstance(value, (int, float, str))
+        and not isinstance(value, bool)
+        and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)
+    ]
+    candidates = by_name or by_value
+    return candidates[0] if len(candidates) == 1 else None

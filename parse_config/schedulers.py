@@ -1,0 +1,105 @@
+"""The lr_scheduler section, checked and built in one place: when it steps (per epoch, per batch, or on a
+metric for ReduceLROnPlateau) and whether a fixed-length schedule fits the run."""
+
+import logging
+from typing import Any
+
+from base.schedule import Schedule
+from utils.errors import ConfigError
+
+from .callables import check_metric_name
+from .config import Config
+from .loaders import has_validation
+from .options import parse_monitor
+from .resolution import Lookup
+
+logger = logging.getLogger(__name__)
+PLATEAU = "ReduceLROnPlateau"
+PER_BATCH_SCHEDULERS = ("OneCycleLR", "CyclicLR")
+
+
+def _type_name(node: dict) -> str:
+    return node["type"].split(".")[-1]
+
+
+def scheduler_monitor(data: dict, loaders: Lookup) -> tuple[str, str]:
+    """(mode, metric) that ReduceLROnPlateau steps on: lr_scheduler.monitor, else the trainer's monitor,
+    else val_loss (or loss without validation data), minimised."""
+    node = data.get("lr_scheduler") or {}
+    if node.get("monitor"):
+        return (node.get("args") or {}).get("mode", "min"), node["monitor"]
+    monitor = parse_monitor(data.get("trainer", {}).get("monitor", "off"))
+    return monitor or ("min", "val_loss" if has_validation(data, loaders) else "loss")
+
+
+def check_scheduler(data: dict, loaders: Lookup) -> list[tuple[str, str]]:
+    """(key path, problem) for the lr_scheduler section, once the rest of the config is valid."""
+    node = data.get("lr_scheduler")
+    if not node or not isinstance(node.get("type"), str):
+        return []
+    name = _type_name(node)
+    if name != PLATEAU:
+        if node.get("monitor") is not None:
+            return [
+                ("lr_scheduler.monitor", f"only ReduceLROnPlateau steps on a metric, not {name}; remove it")
+            ]
+        return []
+    if data.get("trainer", {}).get("lr_step", "epoch") == "batch":
+        return [("trainer.lr_step", "ReduceLROnPlateau steps on an epoch's metric: set lr_step: epoch")]
+    if node.get("monitor") is not None:
+        if not isinstance(node["monitor"], str):
+            return [
+                ("lr_scheduler.monitor", f"must be a metric name such as val_loss, not {node['monitor']!r}")
+            ]
+        return check_metric_name(node["monitor"], "lr_scheduler.monitor", data, loaders)
+    mode, metric = scheduler_monitor(data, loaders)
+    scheduler_mode = (node.get("args") or {}).get("mode", "min")
+    if scheduler_mode != mode:
+        return [
+            (
+                "lr_scheduler.args.mode",
+                f"is '{scheduler_mode}' but trainer.monitor wants {mode} {metric}: set "
+                f"mode: {mode}, or name another metric in lr_scheduler.monitor",
+            )
+        ]
+    return []
+
+
+def build_schedule(
+    config: Config, optimizer: Any, steps_per_epoch: int, lookup: Lookup, loaders: Lookup
+) -> Schedule:
+    """The LR scheduler and when it steps; a fixed-length schedule is checked against the run's length before
+    anything is written."""
+    node, trainer = config["lr_scheduler"], config.trainer
+    name, per_batch = _type_name(node), trainer["lr_step"] == "batch"
+    if name in PER_BATCH_SCHEDULERS and not per_batch:
+        logger.warning(
+            "%s is a per-batch schedule but trainer.lr_step is epoch: it will step %d times, once per "
+            "epoch; set trainer.lr_step: batch to step it every batch",
+            name,
+            trainer["epochs"],
+        )
+    if name == "OneCycleLR":
+        _fit_one_cycle(
+            config,
+            trainer["epochs"] * (steps_per_epoch if per_batch else 1),
+            f"{trainer['epochs']} epochs" + (f" x {steps_per_epoch} optimizer steps" if per_batch else ""),
+        )
+    metric = scheduler_monitor(config.data, loaders)[1] if name == PLATEAU else None
+    return Schedule(config.build("lr_scheduler", optimizer, lookup=lookup), per_batch, metric)
+
+
+def _fit_one_cycle(config: Config, run_steps: int, length: str) -> None:
+    """`total_steps: auto` (or no length) becomes the run's length; a length that differs is an error."""
+    args = config["lr_scheduler"].setdefault("args", {})
+    if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
+        args.update(total_steps=run_steps)
+        args.pop("epochs", None), args.pop("steps_per_epoch", None)
+        return
+    given = args.get("total_steps") or args.get("epochs", 0) * (args.get("steps_per_epoch") or 1)
+    if given != run_steps:
+        key = "total_steps" if "total_steps" in args else "epochs"
+        raise ConfigError(
+            f"{config.source}: lr_scheduler.args.{key}: OneCycleLR would run {given} steps but this "
+            f"run takes {run_steps} ({length}); set total_steps: auto"
+        )
