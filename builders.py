@@ -16,13 +16,15 @@ import data_loader.data_loaders as module_data
 import model.loss as module_loss
 import model.metric as module_metric
 import model.model as module_arch
+import trainer.trainer as module_trainer
 from base.base_model import init_weights
 from base.schedule import Schedule
-from base.train_step import compiled
-from parse_config import Config
-from parse_config.callables import build_callable, build_metrics
-from parse_config.loaders import build_loader, build_test_loader, build_validation_loader
+from base.train_step import compiled, unwrap
+from parse_config import Config, callables
+from parse_config.loaders import build_loader, build_test_loader, build_validation_loader, test_split
+from parse_config.resolution import close_match
 from parse_config.schedulers import build_schedule
+from parse_config.shapes import Entry, entries, eval_model_name, optimized_models
 from utils import distributed
 from utils.checkpoint import load_state_dict_file
 from utils.errors import ConfigError
@@ -39,26 +41,39 @@ def lookups() -> dict[str, Any]:
         "loss": (module_loss, torch.nn),
         "metrics": module_metric,
         "transforms": torchvision.transforms,
+        "trainer": module_trainer,
     }
 
 
-def build_model(config: Config) -> nn.Module:
-    """The `arch` section, with its `init` scheme applied."""
-    model = config.build("arch", lookup=lookups()["arch"])
-    if config["arch"].get("init"):
-        init_weights(model, config["arch"]["init"])
+def build_model(config: Config, name: str | None = None) -> nn.Module:
+    """One model (by default the one test.py evaluates), with its `init` scheme applied."""
+    entry = next(e for e in entries(config.data, "model") if e.name == (name or eval_model_name(config.data)))
+    model = config.build(entry.path, lookup=lookups()["arch"])
+    if entry.node.get("init"):
+        init_weights(model, entry.node["init"])
     return model
 
 
-def init_from(model: nn.Module, config: Config) -> dict[str, int] | None:
-    """Load `arch.init_from`'s matching weights into a new run's model; the counts of what was loaded."""
-    spec = config["arch"].get("init_from")
-    if not spec:
-        return None
-    state_dict = load_state_dict_file(spec["path"])
-    return load_matching_weights(
-        model, state_dict, spec["path"], spec.get("strict", False), spec.get("exclude", [])
-    )
+def build_models(config: Config) -> dict[str, nn.Module]:
+    """Every model by name (`model` for a single `arch`)."""
+    return {entry.name: build_model(config, entry.name) for entry in entries(config.data, "model")}
+
+
+def init_from(models: dict[str, nn.Module], config: Config) -> dict[str, dict[str, int]]:
+    """Load each model's `init_from` matching weights into a new run; the counts of what was loaded."""
+    counts = {}
+    for entry in entries(config.data, "model"):
+        spec = entry.node.get("init_from")
+        if spec:
+            state_dict = load_state_dict_file(spec["path"])
+            counts[entry.path] = load_matching_weights(
+                models[entry.name],
+                state_dict,
+                spec["path"],
+                spec.get("strict", False),
+                spec.get("exclude", []),
+            )
+    return counts
 
 
 def place_model(model: nn.Module, device: torch.device, options: dict[str, Any]) -> nn.Module:
@@ -68,18 +83,31 @@ def place_model(model: nn.Module, device: torch.device, options: dict[str, Any])
     if distributed.is_distributed():
         if options["sync_batchnorm"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [device.index] if device.index is not None else None
+        unused = options["find_unused_parameters"]
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None
+            model, device_ids=device_ids, find_unused_parameters=unused
         )
     return compiled(model, options["compile"]) if options["compile"] else model
 
 
+def build_losses(config: Config) -> dict[str, Callable]:
+    """Every loss by name (`loss` for a single `loss`)."""
+    found = lookups()["loss"]
+    return {
+        entry.name: callables.build_callable(config, entry.path, entry.node, found)
+        for entry in entries(config.data, "loss")
+    }
+
+
 def loss_and_metrics(config: Config) -> tuple[Callable, dict[str, Callable]]:
-    """The loss and the metrics by their logged names."""
-    found = lookups()
-    return build_callable(config, "loss", config["loss"], found["loss"]), build_metrics(
-        config, found["metrics"]
-    )
+    """The (single) loss and the metrics by their logged names."""
+    return next(iter(build_losses(config).values())), build_metrics(config)
+
+
+def build_metrics(config: Config) -> dict[str, Callable]:
+    """The metrics by their logged names."""
+    return callables.build_metrics(config, lookups()["metrics"])
 
 
 def build_data(config: Config) -> tuple[DataLoader, DataLoader | None]:
@@ -89,26 +117,54 @@ def build_data(config: Config) -> tuple[DataLoader, DataLoader | None]:
     return train, build_validation_loader(config, train, found["data_loader"], found["transforms"])
 
 
-def test_data(config: Config) -> DataLoader:
-    """test.py's loader."""
+def test_data(config: Config) -> tuple[DataLoader, str]:
+    """test.py's loader, and which section it comes from."""
     found = lookups()
     return build_test_loader(config, found["data_loader"], found["transforms"])
 
 
-def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer over the model's trainable parameters."""
-    return config.build("optimizer", [p for p in model.parameters() if p.requires_grad], lookup=torch.optim)
+def has_test_data(config: Config) -> bool:
+    """Whether test.py can find test data in this config (else it needs a test_data_loader section)."""
+    return test_split(config, lookups()["data_loader"]) is not None
 
 
-def build_lr_schedule(
-    config: Config, optimizer: torch.optim.Optimizer, loader: DataLoader
-) -> Schedule | None:
-    """The LR scheduler and when it steps, or None without an lr_scheduler section."""
-    if not config["lr_scheduler"]:
-        return None
-    batches = batches_per_epoch(config, loader)
-    steps = -(-batches // config.trainer["accumulate_grad_batches"])
-    return build_schedule(config, optimizer, steps, lookups()["lr_scheduler"], lookups()["data_loader"])
+def build_optimizers(config: Config, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+    """Every optimizer by name (`optimizer` for a single one), over the trainable parameters of the models
+    (or submodules, or parameter groups) it names."""
+    return {
+        entry.name: config.build(entry.path, _parameter_groups(config, entry, models), lookup=torch.optim)
+        for entry in entries(config.data, "optimizer")
+    }
+
+
+def _parameter_groups(config: Config, entry: Entry, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    groups, grouped = [], "param_groups" in entry.node
+    for index, (model_name, module_path, hyperparameters) in enumerate(optimized_models(config.data, entry)):
+        module = unwrap(models[model_name])
+        if module_path:
+            names = [name for name, _ in module.named_modules() if name]
+            if module_path not in names:
+                key = f"{entry.path}.param_groups[{index}].module" if grouped else f"{entry.path}.module"
+                hint = close_match(module_path, names)
+                problem = f"{type(module).__name__} has no submodule '{module_path}'{hint}"
+                raise ConfigError(config.located(key, problem))
+            module = module.get_submodule(module_path)
+        groups.append({"params": [p for p in module.parameters() if p.requires_grad], **hyperparameters})
+    return groups
+
+
+def build_lr_schedules(
+    config: Config, optimizers: dict[str, torch.optim.Optimizer], loader: DataLoader
+) -> dict[str, Schedule]:
+    """Each scheduler and when it steps, by the name of the optimizer it steps."""
+    steps = -(-batches_per_epoch(config, loader) // config.trainer["accumulate_grad_batches"])
+    found = lookups()
+    return {
+        entry.name: build_schedule(
+            config, entry, optimizers[entry.name], steps, found["lr_scheduler"], found["data_loader"]
+        )
+        for entry in entries(config.data, "scheduler")
+    }
 
 
 def batches_per_epoch(config: Config, loader: DataLoader) -> int:

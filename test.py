@@ -1,8 +1,9 @@
-"""Evaluate a checkpoint on test data: python test.py -r CHECKPOINT [-c data_override.yaml]. Under torchrun
-the data is sharded and the sums all-reduced: the numbers equal a single process's.
+"""Evaluate a checkpoint on test data: python test.py -r CHECKPOINT_OR_RUN_DIR [-c data_override.yaml]. Under
+torchrun the data is sharded and the sums all-reduced: the numbers equal a single process's.
 
 The data is the config's test_data_loader section when it has one; otherwise its data_loader with the
-pytorch-template convention `training=False` (or torchvision's `train=False` for a Dataset type).
+pytorch-template convention `training=False` (or torchvision's `train=False` for a Dataset type). What is
+evaluated is the trainer class's `evaluate_models` (the evaluation model's loss and metrics by default).
 """
 
 import json
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from parse_config import parse_args
+from parse_config import Config, Request, parse_args
 from trainer import options as project_options
 from utils import distributed, user_code
 from utils.errors import ConfigError, TrainingError, exit_after
@@ -24,56 +25,76 @@ def lookups() -> dict[str, Any]:
     return builders.lookups()
 
 
+def evaluate(config: Config, request: Request) -> dict[str, float]:
+    """Build the models with the checkpoint's weights and the test data; their loss and metrics."""
+    import torch
+    from tqdm import tqdm
+
+    import builders
+    from base.checkpointer import describe_checkpoint, model_weights
+    from base.train_step import autocast_for
+    from logger.report import describe_data, run_header, shown_path
+    from parse_config.shapes import eval_model_name
+    from utils.device import check_precision, prepare_device
+    from utils.metrics import EpochMetrics
+    from utils.seeding import seed_everything
+    from utils.weights import load_model_state
+
+    seed_everything(config["seed"])
+    distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
+    device, _ = prepare_device(min(config["n_gpu"], 1))
+    eval_name, models = eval_model_name(config.data), builders.build_models(config)
+    for name, model in models.items():
+        load_model_state(model, model_weights(request.checkpoint, name, eval_name), request.checkpoint_path)
+        models[name] = model.to(device)
+    loader, section = builders.test_data(config)
+    criteria, metrics = builders.build_losses(config), builders.build_metrics(config)
+    criteria = {name: c.to(device) if isinstance(c, torch.nn.Module) else c for name, c in criteria.items()}
+    precision = config.trainer.get("precision", "32")
+    check_precision(precision, device)
+    if distributed.is_main():
+        rows = {
+            "checkpoint": describe_checkpoint(request.checkpoint),
+            "data": f"{section}: {describe_data('test', loader)}",
+            "device": f"{device}, precision {precision}",
+        }
+        print(run_header(f"Test {config['name']}: {shown_path(request.checkpoint_path)}", rows))
+    trainer_class = config.resolve("trainer.type", config.trainer["type"], builders.lookups()["trainer"])
+    batches = tqdm(loader, desc="test", leave=False, disable=not sys.stderr.isatty())
+    loss_names = trainer_class.logged or ("loss", *getattr(next(iter(criteria.values())), "terms", ()))
+    results = trainer_class.evaluate_models(
+        models, eval_name, criteria, batches, EpochMetrics(metrics, device, loss_names), device,
+        autocast_for(precision, device), config.trainer.get("channels_last", False),
+    )  # fmt: skip
+    if not results:
+        section = "test_data_loader" if config["test_data_loader"] else "data_loader"
+        raise TrainingError(
+            f"the test data ({section} of {config.source}) yielded no batches: nothing was evaluated"
+        )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints loss and metrics and writes them to <checkpoint>.test.json. Exit 2 on bad input, 1 when the test
     data yields nothing or the user's code raises."""
     try:
         config, request = parse_args(
-            argv, lookups, "Evaluate a checkpoint on test data.", project_options.PROJECT_OPTIONS
+            argv,
+            lookups,
+            "Evaluate a checkpoint on test data.",
+            project_options.PROJECT_OPTIONS,
+            evaluating=True,
         )
         if request.checkpoint is None:
-            raise ConfigError("test.py evaluates a checkpoint: give it with -r CHECKPOINT")
+            raise ConfigError(
+                "test.py evaluates a checkpoint: give it with -r CHECKPOINT (or a run directory)"
+            )
         if request.print_only:
             print(yaml.safe_dump(config.data, sort_keys=False), end="")
             return 0
         for notice in request.notices if distributed.env_rank() == 0 else ():
             print(f"warning: {notice}", file=sys.stderr)
-        import torch
-        from tqdm import tqdm
-
-        import builders
-        from base.checkpointer import eval_weights
-        from base.train_step import autocast_for
-        from trainer.trainer import evaluate
-        from utils.device import check_precision, prepare_device
-        from utils.metrics import EpochMetrics
-        from utils.seeding import seed_everything
-        from utils.weights import load_model_state
-
-        seed_everything(config["seed"])
-        distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
-        device, _ = prepare_device(min(config["n_gpu"], 1))
-        model = builders.build_model(config)
-        load_model_state(model, eval_weights(request.checkpoint), request.checkpoint_path)
-        loader = builders.test_data(config)
-        criterion, metrics = builders.loss_and_metrics(config)
-        batches = tqdm(loader, desc="test", leave=False, disable=not sys.stderr.isatty())
-        precision = config.trainer.get("precision", "32")
-        check_precision(precision, device)
-        results = evaluate(
-            model.to(device),
-            batches,
-            criterion,
-            EpochMetrics(metrics, device),
-            device,
-            autocast_for(precision, device),
-            config.trainer.get("channels_last", False),
-        )
-        if not results:
-            raise TrainingError(
-                f"the test data ({config['test_data_loader'] and 'test_data_loader' or 'data_loader'}"
-                f" of {config.source}) yielded no batches: nothing was evaluated"
-            )
+        results = evaluate(config, request)
     except ConfigError as error:
         if distributed.env_rank() == 0:
             print(f"error: {error}", file=sys.stderr)

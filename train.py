@@ -28,14 +28,14 @@ def lookups() -> dict[str, Any]:
     return builders.lookups()
 
 
-def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, int] | None]:
-    """The Trainer with every object the run needs, restored from the checkpoint when resuming; the counts of
-    init_from's weights when it loaded some."""
+def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict[str, int]]]:
+    """The configured Trainer with every object the run needs, restored from the checkpoint when resuming;
+    the counts of each model's init_from weights."""
     import torch
 
     import builders
     from parse_config.options import parse_monitor
-    from trainer.trainer import Trainer
+    from parse_config.shapes import eval_model_name
     from utils.device import check_precision, prepare_device
     from utils.seeding import seed_everything, set_determinism
 
@@ -43,28 +43,30 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, int]
     set_determinism(config.trainer["deterministic"])
     device, _ = prepare_device(config["n_gpu"])
     train_loader, valid_loader = builders.build_data(config)
-    model = builders.build_model(config)
-    init_counts = builders.init_from(model, config) if request.checkpoint is None else None
+    models = builders.build_models(config)
+    init_counts = builders.init_from(models, config) if request.checkpoint is None else {}
     check_precision(config.trainer["precision"], device)
-    model = builders.place_model(model, device, config.trainer)
-    criterion, metrics = builders.loss_and_metrics(config)
-    if isinstance(criterion, torch.nn.Module):
-        criterion = criterion.to(device)
-    optimizer = builders.build_optimizer(config, model)
-    schedule = builders.build_lr_schedule(config, optimizer, train_loader)
-    trainer = Trainer(
-        model,
-        criterion,
-        metrics,
-        optimizer,
+    models = {name: builders.place_model(model, device, config.trainer) for name, model in models.items()}
+    losses = builders.build_losses(config)
+    losses = {
+        name: loss.to(device) if isinstance(loss, torch.nn.Module) else loss for name, loss in losses.items()
+    }
+    optimizers = builders.build_optimizers(config, models)
+    trainer_class = config.resolve("trainer.type", config.trainer["type"], builders.lookups()["trainer"])
+    trainer = trainer_class(
+        models,
+        losses,
+        builders.build_metrics(config),
+        optimizers,
         train_loader,
         device=device,
         options=config.trainer,
         monitor=parse_monitor(config.trainer["monitor"]),
         valid_data_loader=valid_loader,
-        schedule=schedule,
+        schedules=builders.build_lr_schedules(config, optimizers, train_loader),
         seed=config["seed"],
         config=config.data,
+        eval_model=eval_model_name(config.data),
     )
     if request.checkpoint is not None:
         trainer.restore(request.checkpoint, request.checkpoint_path, config.user_data, request.allow_inexact)
@@ -105,7 +107,7 @@ def start_run(config: Config, request: Request, trainer: Any, early: logging.Han
 
 
 def log_start(
-    config: Config, request: Request, trainer: Any, run: Any, init_counts: dict[str, int] | None
+    config: Config, request: Request, trainer: Any, run: Any, init_counts: dict[str, dict[str, int]]
 ) -> None:
     from logger.report import describe_run
 
@@ -120,8 +122,8 @@ def log_start(
             "RNG (a DataLoader without persistent_workers)",
             config["data_loader"]["type"],
         )
-    if init_counts is not None:
-        logger.info("init_from %s: %s", config["arch"]["init_from"]["path"], init_counts)
+    for path, counts in init_counts.items():
+        logger.info("init_from %s: %s", config.node(path)["init_from"]["path"], counts)
     if request.checkpoint is not None:
         logger.info(
             "Resuming from %s: epoch %d, batch %d",
@@ -129,6 +131,19 @@ def log_start(
             trainer.progress.epoch + 1,
             trainer.progress.batches_in_epoch,
         )
+
+
+def log_summary(config: Config, trainer: Any, run: Any) -> None:
+    """Elapsed time, the best epoch and where things are, with the commands to run next."""
+    import builders
+    from logger.report import run_summary
+
+    stopped_early, monitor = trainer.monitor.should_stop, trainer.monitor
+    summary = run_summary(
+        trainer.elapsed, trainer.progress.epoch, stopped_early, monitor, run.checkpoints, run.logs,
+        config.trainer["tensorboard"], builders.has_test_data(config),
+    )  # fmt: skip
+    logger.info("%s", summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         run = start_run(config, request, trainer, early)
         log_start(config, request, trainer, run, init_counts)
         trainer.fit(run)
+        log_summary(config, trainer, run)
     except ConfigError as error:
         if distributed.env_rank() == 0:  # every rank finds the same error: say it once
             print(f"error: {error}", file=sys.stderr)

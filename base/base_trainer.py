@@ -16,7 +16,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from logger import FILE_ONLY
-from logger.report import epoch_line, flat_hparams, run_summary
+from logger.report import epoch_line, flat_hparams
 from logger.writer import RunWriter
 from utils import distributed
 from utils.device import batch_to_device
@@ -26,7 +26,7 @@ from utils.run_directory import RunPaths
 from utils.signals import StopRequest
 
 from .base_data_loader import BatchStream
-from .checkpointer import Checkpointer, Progress, RngStreams, single_model_parts
+from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
 from .monitor import Monitor
 from .schedule import Schedule
 from .train_step import TrainStep, unwrap
@@ -37,44 +37,55 @@ logger = logging.getLogger(__name__)
 class BaseTrainer:
     """Epochs, validation, LR scheduling, monitoring, early stop, checkpoints and exact resume.
 
-    A subclass implements `_train_epoch(epoch)` and `_valid_epoch(epoch)` (trainer/trainer.py). The contract
-    of `_train_epoch`, which is all the mechanics rely on:
+    A subclass implements `_train_epoch(epoch)` and `_valid_epoch(epoch)` (trainer/trainer.py; a GAN in
+    trainer/gan_trainer.py). The contract of `_train_epoch`, which is all the mechanics rely on:
     - iterate `self.train_batches(epoch)` for (batch index, batch): it continues a resumed epoch at its next
       batch, resets the epoch's metrics at its start and shows progress;
     - pass `self.batch_share` to `self.step.backward` (this rank's share of the global batch under DDP,
       else 1);
-    - call `self.record_batch(loss, output, target)` after backward, for every batch;
-    - after each optimizer step (and zero_grad) call
-      `self.after_optimizer_step(epoch, batch_idx, data, loss)`;
+    - call `self.record_batch(loss, output, target)` after backward, for every batch (`loss` may be a dict of
+      named terms: each is logged like a metric);
+    - at the end of a window, for each optimizer: `self.step.clip`, `self.step.optimizer_step`, `zero_grad`;
+      then once `self.after_optimizer_step(epoch, batch_idx, data, loss)`;
     - return `self.train_metrics.result()`.
-    `options` is the trainer section's values; `config` is kept only as the record written into checkpoints
-    and TensorBoard. Nothing is written before `fit(run)` gives the run's directories.
+    Models, optimizers, losses and schedules are dicts by name (`self.models["generator"]`); with one of each
+    `self.model`, `self.optimizer` and `self.criterion` name them directly. A subclass that logs other names
+    than `loss` declares them in `logged` (checked against the monitor before anything runs). `options` is
+    the trainer section's values; `config` is kept only as the record written into checkpoints and
+    TensorBoard. Nothing is written before `fit(run)` gives the run's directories.
     """
+
+    logged: tuple[str, ...] | None = None
 
     def __init__(
         self,
-        model: nn.Module,
-        criterion: Callable,
+        models: dict[str, nn.Module],
+        criteria: dict[str, Callable],
         metric_ftns: dict[str, Callable],
-        optimizer: torch.optim.Optimizer,
+        optimizers: dict[str, torch.optim.Optimizer],
         data_loader: DataLoader,
         *,
         device: torch.device,
         options: dict[str, Any],
         monitor: tuple[str, str] | None = None,
         valid_data_loader: Any = None,
-        schedule: Schedule | None = None,
+        schedules: dict[str, Schedule] | None = None,
         seed: int = 0,
         config: dict | None = None,
+        eval_model: str | None = None,
     ):
-        self.model, self.criterion, self.metric_ftns = model, criterion, metric_ftns
-        self.optimizer, self.schedule, self.device = optimizer, schedule, device
+        self.models, self.criteria, self.metric_ftns = models, criteria, metric_ftns
+        self.optimizers, self.schedules, self.device = optimizers, schedules or {}, device
+        self.eval_name = eval_model or next(iter(models))
+        self.model = models[self.eval_name]
+        self.optimizer = next(iter(optimizers.values())) if len(optimizers) == 1 else None
+        self.criterion = next(iter(criteria.values())) if len(criteria) == 1 else None
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
-        self.options, self.config = options, config or {}
+        self.options, self.config, self.seed = options, config or {}, seed
         self.epochs, self.log_step = options["epochs"], options["log_step"]
         self.len_epoch = options["len_epoch"] or len(data_loader)
         self.step = TrainStep(
-            model,
+            models,
             device,
             options["precision"],
             options["accumulate_grad_batches"],
@@ -83,24 +94,22 @@ class BaseTrainer:
             options["clip_grad_value"],
             (options["ema"] or {}).get("decay"),
             options["on_nonfinite"],
+            self.eval_name,
         )
         self.batches = BatchStream(data_loader)
         self.monitor = Monitor(monitor, options["early_stop"])
-        self.train_metrics = EpochMetrics(metric_ftns, device)
-        self.valid_metrics = EpochMetrics(
-            {
-                name: copy.deepcopy(metric) if is_stateful(metric) else metric
-                for name, metric in metric_ftns.items()
-            },
-            device,
-        )
+        loss_names = self.logged or ("loss", *getattr(self.criterion, "terms", ()))
+        self.train_metrics = EpochMetrics(metric_ftns, device, loss_names)
+        separate = {name: copy.deepcopy(m) if is_stateful(m) else m for name, m in metric_ftns.items()}
+        self.valid_metrics = EpochMetrics(separate, device, loss_names)
         self.progress = Progress()
-        parts = single_model_parts(
-            self.unwrapped_model,
+        parts = run_parts(
+            self.unwrapped_models,
+            self.eval_name,
             self.step.ema.module if self.step.ema else None,
             self.step,
-            optimizer,
-            schedule,
+            optimizers,
+            self.schedules,
             self.train_metrics,
             self.batches,
         )
@@ -115,7 +124,7 @@ class BaseTrainer:
         self.stop_request = StopRequest()
         self.run: RunPaths | None = None  # the run's directories and writer arrive with fit()
         self.writer: RunWriter | None = None
-        self.resumed = False
+        self.resumed, self.elapsed = False, 0.0
         self._finite_through, self._batch_idx = 0, 0
         self._show_progress = options["progress_bar"] and sys.stderr.isatty() and distributed.is_main()
         self._bar: tqdm | None = None
@@ -131,12 +140,18 @@ class BaseTrainer:
         return unwrap(self.model)
 
     @property
+    def unwrapped_models(self) -> dict[str, nn.Module]:
+        return {name: unwrap(model) for name, model in self.models.items()}
+
+    @property
     def global_step(self) -> int:
         return self.progress.global_step
 
-    @property
-    def learning_rate(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def learning_rates(self) -> dict[str, float]:
+        """`lr` of the optimizer's first group; with several optimizers `lr_<name>` of each."""
+        if len(self.optimizers) == 1:
+            return {"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]}
+        return {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
 
     # ---- the epoch loop ----
     def fit(self, run: RunPaths) -> None:
@@ -173,12 +188,12 @@ class BaseTrainer:
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train and validate one epoch, then log it, step the scheduler and save what is due."""
         started = time.monotonic()
-        log = {"epoch": epoch, "lr": self.learning_rate, **self._train_epoch(epoch)}
+        log = {"epoch": epoch, **self.learning_rates(), **self._train_epoch(epoch)}
         if self.valid_data_loader is not None:
             log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
         self._raise_if_nonfinite(epoch)
-        if self.schedule is not None:
-            self.schedule.after_epoch(log)
+        for schedule in self.schedules.values():
+            schedule.after_epoch(log)
         improved = self.monitor.update(log)
         self._log_epoch(log, time.monotonic() - started, improved)
         self.progress.epoch, self.progress.batches_in_epoch = epoch, 0
@@ -187,20 +202,9 @@ class BaseTrainer:
         return log
 
     def _finish(self, seconds: float, log: dict[str, float]) -> None:
+        self.elapsed = seconds
         final = {key: value for key, value in log.items() if key != "epoch"}
         self.writer.add_hparams(flat_hparams(self.config), final, self.global_step)
-        logger.info(
-            "%s",
-            run_summary(
-                seconds,
-                self.progress.epoch,
-                self.monitor.should_stop,
-                self.monitor,
-                self.run.checkpoints,
-                self.run.logs,
-                self.options["tensorboard"],
-            ),
-        )
 
     def _log_epoch(self, log: dict[str, float], seconds: float, improved: bool) -> None:
         logger.info("%s", epoch_line(log["epoch"], self.epochs, log, seconds, improved))
@@ -253,11 +257,12 @@ class BaseTrainer:
 
     def after_optimizer_step(self, epoch: int, batch_idx: int, data: Any, loss: torch.Tensor) -> None:
         """Side concerns of one optimizer step: scheduler, logging, step checkpoints, signals."""
+        self.step.end_iteration()
         self.progress.global_step += 1
         self.progress.skipped_steps += not self.step.stepped
         self.progress.batches_in_epoch = batch_idx + 1
-        if self.schedule is not None:
-            self.schedule.after_optimizer_step()
+        for schedule in self.schedules.values():
+            schedule.after_optimizer_step()
         if self.global_step % self.log_step == 0:
             self._log_step(epoch, batch_idx, loss)
         if batch_idx == 0 and self.options["tensorboard_images"]:
@@ -265,18 +270,21 @@ class BaseTrainer:
         self.checkpointer.maybe_save_step(self.verified_state, self.global_step)
         self._stop_if_requested(agree=self.global_step % self.log_step == 0)
 
-    def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor) -> None:
+    def _log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor | dict[str, torch.Tensor]) -> None:
         self._raise_if_nonfinite(epoch)
+        losses = loss if isinstance(loss, dict) else {"loss": loss}
         norm = self.step.grad_norm
-        read = [loss.detach().float()] + ([norm.float()] if norm is not None else [])
-        value, *grad_norm = torch.stack(read).tolist()  # the one host sync per log_step
-        scalars = {"loss": value, "lr": self.learning_rate, **dict(zip(["grad_norm"], grad_norm))}
+        read = [value.detach().float() for value in losses.values()] + (
+            [norm.float()] if norm is not None else []
+        )
+        values = torch.stack(read).tolist()  # the one host sync per log_step
+        scalars = {**dict(zip(losses, values)), **self.learning_rates()}
+        scalars.update({"grad_norm": values[-1]} if norm is not None else {})
         self.writer.add_scalars("train", scalars, self.global_step)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{value:.4f}")
-        logger.info(
-            "Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, self.len_epoch, value, extra=FILE_ONLY
-        )
+            self._bar.set_postfix({name: f"{scalars[name]:.4f}" for name in losses})
+        shown = ", ".join(f"{name}: {scalars[name]:.6f}" for name in losses)
+        logger.info("Train epoch %d [%d/%d] %s", epoch, batch_idx + 1, self.len_epoch, shown, extra=FILE_ONLY)
 
     def _raise_if_nonfinite(self, epoch: int) -> None:
         if self.train_metrics.loss_is_finite():

@@ -30,8 +30,7 @@ LAST = "checkpoint-last.pth"
 BEST = "model_best.pth"
 EMA_WEIGHTS = "ema_state_dict"
 EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
-# parts kept on fine-tuning only while their config type is unchanged
-FINE_TUNED = ("optimizer", "lr_scheduler")
+SINGLE = "optimizer"  # the name of the one optimizer (and its scheduler) of the single form
 
 
 @dataclass
@@ -79,30 +78,63 @@ class RngStreams:
         seed_everything(derived_seed(self.seed, state["global_step"] * 4096 + distributed.rank()))
 
 
-def single_model_parts(
-    model: nn.Module,
+def run_parts(
+    models: dict[str, nn.Module],
+    eval_name: str,
     ema_model: nn.Module | None,
     step: Any,
-    optimizer: Any,
-    schedule: Any,
+    optimizers: dict[str, Any],
+    schedules: dict[str, Any],
     metrics: Any,
     stream: BatchStream,
 ) -> dict[str, Any]:
-    """The named parts of a run with one model, one optimizer and at most one schedule."""
-    return {
-        WEIGHTS: model,
-        EMA_WEIGHTS: ema_model,
-        "step": step,
-        "optimizer": optimizer,
-        "lr_scheduler": schedule,
-        "metrics": metrics,
-        "data_order": stream,
-    }
+    """The run's named parts. The model test.py evaluates is `state_dict` (pytorch-template's meaning), any
+    other under `models.<name>`; its EMA is `ema_state_dict`. The single optimizer and scheduler are
+    `optimizer` and `lr_scheduler`, named ones `optimizers.<name>` and `lr_schedulers.<name>`."""
+    parts = {WEIGHTS: models[eval_name], **{f"models.{n}": m for n, m in models.items() if n != eval_name}}
+    parts.update({EMA_WEIGHTS: ema_model, "step": step})
+    parts.update({_key("optimizer", name): optimizer for name, optimizer in optimizers.items()})
+    parts.update({_key("lr_scheduler", name): s for name, s in schedules.items()} or {"lr_scheduler": None})
+    return {**parts, "metrics": metrics, "data_order": stream}
+
+
+def _key(kind: str, name: str) -> str:
+    return kind if name == SINGLE else f"{kind}s.{name}"
+
+
+def _tuned(key: str) -> tuple[str, str] | None:
+    """(kind, optimizer name) of an optimizer or scheduler part: what fine-tuning may keep or change."""
+    kind, _, name = key.partition(".")
+    kind = kind.removesuffix("s")
+    return (kind, name or SINGLE) if kind in ("optimizer", "lr_scheduler") else None
+
+
+def _section(config: Mapping[str, Any], kind: str, name: str) -> dict:
+    """The config section of an optimizer or scheduler: single (`optimizer`) or named
+    (`optimizers.<name>`)."""
+    named = config.get(f"{kind}s")
+    return (named.get(name) if isinstance(named, dict) else config.get(kind)) or {}
 
 
 def eval_weights(checkpoint: Mapping[str, Any]) -> dict:
     """The weights test.py and export evaluate: the EMA's when the run kept one."""
     return checkpoint[checkpoint.get("eval_weights", WEIGHTS)]
+
+
+def model_weights(checkpoint: Mapping[str, Any], name: str, eval_name: str) -> dict:
+    """The weights of model `name` as test.py evaluates them: the evaluation model's eval_weights."""
+    return eval_weights(checkpoint) if name == eval_name else checkpoint[f"models.{name}"]
+
+
+def describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
+    """Where a checkpoint stands and which weights test.py evaluates, for its header."""
+    weights = "EMA weights" if checkpoint.get("eval_weights") == EMA_WEIGHTS else "trained weights"
+    if is_legacy(checkpoint):
+        return f"pytorch-template checkpoint of epoch {checkpoint.get('epoch')}, {weights}"
+    position = f"epoch {checkpoint['epoch']}" + (
+        f" + {checkpoint['batches_in_epoch']} batches" if checkpoint.get("batches_in_epoch") else ""
+    )
+    return f"{position}, step {checkpoint.get('global_step')}, {weights}"
 
 
 class Checkpointer:
@@ -193,12 +225,14 @@ class Checkpointer:
                 f"{source}: a pytorch-template checkpoint holds weights but no training state to "
                 f"resume; start a run from its weights with arch.init_from.path={source}"
             )
-        check_fields(checkpoint, source, allow_inexact)
+        optimizers = [key for key, part in self.parts.items() if isinstance(part, torch.optim.Optimizer)]
+        check_fields(checkpoint, source, allow_inexact, tuple(optimizers))
         previous = checkpoint.get(CONFIG) or {}
+        tuned = {key: _tuned(key) for key in self.parts if _tuned(key)}
         fresh = {
             key
-            for key in FINE_TUNED
-            if (previous.get(key) or {}).get("type") != (self.config.get(key) or {}).get("type")
+            for key, (kind, name) in tuned.items()
+            if _section(previous, kind, name).get("type") != _section(self.config, kind, name).get("type")
         }
         for key in sorted(fresh):
             logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
@@ -225,9 +259,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{source}: cannot resume from it: {type(error).__name__}: {error}"
             ) from None
-        for key in FINE_TUNED:
-            if key in loaded:
-                self._apply_changed_args(key, previous, user_data or {})
+        for key in tuned.keys() & loaded.keys():
+            self._apply_changed_args(key, previous, user_data or {})
 
     def _samples_done(self, checkpoint: Mapping[str, Any], stream: BatchStream) -> int | None:
         """Samples of the pass already trained, when the checkpoint's global batch differs from this run's."""
@@ -239,37 +272,38 @@ class Checkpointer:
         return stream.batches_done * previous * (batch or sampler.batch_size)
 
     def _apply_changed_args(self, key: str, previous: dict, user_data: dict) -> None:
-        old_args = (previous.get(key) or {}).get("args") or {}
-        given = (user_data.get(key) or {}).get("args") or {}
-        for name, value in given.items():
-            if old_args.get(name) != value:
+        kind, name = _tuned(key)
+        old_args = _section(previous, kind, name).get("args") or {}
+        for arg, value in (_section(user_data, kind, name).get("args") or {}).items():
+            if old_args.get(arg) != value:
                 logger.info(
                     "Fine-tuning: %s.args.%s is %r in the checkpoint, %r now: using %r",
                     key,
-                    name,
-                    old_args.get(name),
+                    arg,
+                    old_args.get(arg),
                     value,
                     value,
                 )
-                self._set_hyperparameter(key, name, value)
+                self._set_hyperparameter(key, arg, value)
 
-    def _set_hyperparameter(self, key: str, name: str, value: Any) -> None:
-        optimizer, schedule = self.parts.get("optimizer"), self.parts.get("lr_scheduler")
-        scheduler = getattr(schedule, "scheduler", None)
-        if key == "optimizer" and all(name in group for group in optimizer.param_groups):
+    def _set_hyperparameter(self, key: str, arg: str, value: Any) -> None:
+        kind, name = _tuned(key)
+        optimizer = self.parts[_key("optimizer", name)]
+        scheduler = getattr(self.parts.get(_key("lr_scheduler", name)), "scheduler", None)
+        if kind == "optimizer" and all(arg in group for group in optimizer.param_groups):
             for group in optimizer.param_groups:
-                group[name] = value
-                if name == "lr" and "initial_lr" in group:  # what a scheduler scales from
+                group[arg] = value
+                if arg == "lr" and "initial_lr" in group:  # what a scheduler scales from
                     group["initial_lr"] = value
-            if name == "lr" and hasattr(scheduler, "base_lrs"):
+            if arg == "lr" and hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [value] * len(optimizer.param_groups)
-        elif key == "lr_scheduler" and hasattr(scheduler, name):
-            setattr(scheduler, name, value)
+        elif kind == "lr_scheduler" and hasattr(scheduler, arg):
+            setattr(scheduler, arg, value)
         else:
             logger.warning(
                 "Fine-tuning: %s.args.%s cannot be changed on a restored %s; it keeps the checkpoint's value",
                 key,
-                name,
+                arg,
                 key,
             )
 
@@ -297,7 +331,12 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
-def check_fields(state: Mapping[str, Any], path: Any, allow_inexact: bool = False) -> None:
+def check_fields(
+    state: Mapping[str, Any],
+    path: Any,
+    allow_inexact: bool = False,
+    optimizers: tuple[str, ...] = ("optimizer",),
+) -> None:
     """Every field a resume reads, of the right type and range; damage names the field and the fix."""
     problems = [
         f"'{key}' must be a non-negative integer, not {state.get(key)!r}"
@@ -306,10 +345,9 @@ def check_fields(state: Mapping[str, Any], path: Any, allow_inexact: bool = Fals
     ]
     if not _count(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
         problems.append(f"'world_size' must be a positive integer, not {state.get('world_size')!r}")
-    if not isinstance(state.get("optimizer"), Mapping) or not {"state", "param_groups"} <= set(
-        state["optimizer"]
-    ):
-        problems.append("'optimizer' must be an optimizer state_dict")
+    for key in optimizers:
+        if not isinstance(state.get(key), Mapping) or not {"state", "param_groups"} <= set(state[key]):
+            problems.append(f"'{key}' must be an optimizer state_dict")
     metrics = state.get("metrics")
     if not (
         isinstance(metrics, Mapping)

@@ -3,7 +3,7 @@ weights. It knows nothing of epochs, logging or files; its state_dict() is part 
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -13,14 +13,16 @@ AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.f
 
 
 class TrainStep:
-    """Precision (autocast, and a GradScaler under 16-mixed), accumulation windows of `accumulate` batches
-    (the last window of an epoch may be shorter: its loss is scaled by the batches it really has), gradient
-    clipping after unscaling, an EMA of the weights (torch.optim.swa_utils) updated after each step, and the
-    non-finite policy: under `on_nonfinite: skip` a window with a nan/inf loss takes no optimizer step."""
+    """Precision (autocast, and one GradScaler under 16-mixed for every optimizer), accumulation windows of
+    `accumulate` batches (the last window of an epoch may be shorter: its loss is scaled by the batches it
+    really has), gradient clipping per optimizer after unscaling, an EMA of the evaluation model
+    (torch.optim.swa_utils), and the non-finite policy: under `on_nonfinite: skip` a window with a nan/inf
+    loss takes no optimizer step. `models` is one module or the run's modules by name; `eval_name` says which
+    one the EMA follows and validation judges."""
 
     def __init__(
         self,
-        model: nn.Module,
+        models: nn.Module | dict[str, nn.Module],
         device: torch.device,
         precision: str = "32",
         accumulate: int = 1,
@@ -29,35 +31,36 @@ class TrainStep:
         clip_value: float | None = None,
         ema_decay: float | None = None,
         on_nonfinite: str = "stop",
+        eval_name: str | None = None,
     ):
-        self.model, self.device = model, device
+        self.models = models if isinstance(models, dict) else {"model": models}
+        self.model = self.models[eval_name or next(iter(self.models))]
+        self.device = device
         self.autocast = autocast_for(precision, device)
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16-mixed" else None
         self.accumulate, self.epoch_batches = accumulate, epoch_batches
         self.clip_norm, self.clip_value = clip_norm, clip_value
         self.skip_nonfinite = on_nonfinite == "skip"
-        self.grad_norm: torch.Tensor | None = (
-            None  # the last step's total norm, read back on logging steps only
-        )
+        self.grad_norm: torch.Tensor | None = None  # the last clip's total norm, read on logging steps only
         self.ema = None
         if ema_decay is not None:
-            self.ema = AveragedModel(
-                unwrap(model), device=device, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)
-            )
+            decay = get_ema_multi_avg_fn(ema_decay)
+            self.ema = AveragedModel(unwrap(self.model), device=device, multi_avg_fn=decay)
             self.ema.requires_grad_(False)
         self.ema_updates = 0  # counted on the host: AveragedModel reads its device counter back every update
         self.loss_was_nonfinite = False  # the last backward's loss, under on_nonfinite: skip
-        self.stepped = False  # whether the last optimizer_step stepped (false: its window was skipped)
+        self.stepped = False  # whether the last iteration stepped (false: its window was skipped)
         self._window_skipped = False
 
     @contextlib.contextmanager
     def accumulating(self, batch_idx: int) -> Iterator[None]:
-        """Around forward and backward of one batch: a DDP model skips its gradient all-reduce until the
+        """Around forward and backward of one batch: DDP models skip their gradient all-reduce until the
         last batch of the window."""
-        if hasattr(self.model, "no_sync") and not self.window_done(batch_idx):
-            with self.model.no_sync():
-                yield
-        else:
+        with contextlib.ExitStack() as stack:
+            if not self.window_done(batch_idx):
+                for model in self.models.values():
+                    if hasattr(model, "no_sync"):
+                        stack.enter_context(model.no_sync())
             yield
 
     def window_size(self, batch_idx: int) -> int:
@@ -71,16 +74,21 @@ class TrainStep:
     def steps_per_epoch(self) -> int:
         return -(-self.epoch_batches // self.accumulate)
 
-    def backward(self, loss: torch.Tensor, batch_idx: int, share: float = 1.0) -> None:
-        """Backward of the loss divided by the window's batch count, so that the window's update equals one
-        batch that many times larger, and times `share`: under DDP this rank's share of an uneven last
-        global batch (1 otherwise). Under `on_nonfinite: skip` a nan/inf loss (a host sync) marks the
-        window."""
+    def backward(
+        self, loss: Any, batch_idx: int, share: float = 1.0, inputs: Iterable[torch.Tensor] | None = None
+    ) -> None:
+        """Backward of the loss (a multi-term loss's total, its "loss" entry) divided by the window's batch
+        count, so that the window's update equals one batch that many times larger, and times `share`: under
+        DDP this rank's share of an uneven last global batch (1 otherwise). `inputs` limits the gradients to
+        those tensors (a GAN's generator phase leaves the discriminator's alone). Under `on_nonfinite: skip` a
+        nan/inf loss (a host sync) marks the window."""
+        loss = total_loss(loss)
         self.loss_was_nonfinite = self.skip_nonfinite and not bool(torch.isfinite(loss))
         self._window_skipped |= self.loss_was_nonfinite
         scaled = loss / self.window_size(batch_idx) if self.accumulate > 1 else loss
         scaled = scaled * share if share != 1.0 else scaled
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        scaled = self.scaler.scale(scaled) if self.scaler else scaled
+        scaled.backward(inputs=list(inputs) if inputs is not None else None)
 
     def clip(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the gradients of `optimizer`'s parameters (unscaled first under 16-mixed); the total norm is
@@ -96,16 +104,23 @@ class TrainStep:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.clip_norm)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step `optimizer` (through the GradScaler under 16-mixed) and update the EMA, unless the window was
-        skipped for a non-finite loss. Zeroing the gradients is the caller's next verb."""
+        """Step `optimizer` (through the GradScaler under 16-mixed), unless the window was skipped for a
+        non-finite loss. Zeroing the gradients is the caller's next verb; end_iteration() follows the last
+        optimizer of the iteration."""
+        if self._window_skipped:
+            return
+        if self.scaler:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def end_iteration(self) -> None:
+        """After every optimizer of the iteration stepped: one GradScaler update, the EMA, a new window."""
         self.stepped, self._window_skipped = not self._window_skipped, False
         if not self.stepped:
             return
         if self.scaler:
-            self.scaler.step(optimizer)
             self.scaler.update()
-        else:
-            optimizer.step()
         self._update_ema()
 
     @torch.no_grad()
@@ -149,6 +164,17 @@ class TrainStep:
         self.ema_updates = state.get("ema_updates", 0)
         if self.ema is not None:
             self.ema.n_averaged.fill_(self.ema_updates)
+
+
+def total_loss(loss: Any) -> torch.Tensor:
+    """The tensor backward uses: the loss itself, or a multi-term loss's "loss" entry."""
+    if isinstance(loss, dict):
+        if "loss" not in loss:
+            raise TypeError(
+                f"a loss that returns a dict must hold its total under 'loss'; it gave {list(loss)}"
+            )
+        return loss["loss"]
+    return loss
 
 
 def autocast_for(

@@ -112,7 +112,7 @@ def build(config_path: str, save_dir: str, precision: str, *overrides: str):
     trainer, _ = train.build_trainer(config, request)
     trainer._open_run(claim_run_directory(config.trainer["save_dir"], config["name"], request.run_id, True))
     model = builders.build_model(config)
-    optimizer = builders.build_optimizer(config, model)
+    optimizer = builders.build_optimizers(config, {"model": model})["optimizer"]
     criterion, _ = builders.loss_and_metrics(config)
     train_batches = DataLoader(
         trainer.data_loader.dataset,

@@ -53,7 +53,10 @@ def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
         + (f" of {step.accumulate} batches" if step.accumulate > 1 else ""),
         "device": f"{trainer.device}, precision {options['precision']}; workers {loader.num_workers}, "
         f"pin_memory {str(loader.pin_memory).lower()}",
-        "model": parameter_counts(trainer.unwrapped_model),
+        "model": "; ".join(
+            (f"{name}: " if len(trainer.models) > 1 else "") + parameter_counts(model)
+            for name, model in trainer.unwrapped_models.items()
+        ),
         "monitor": (
             f"{monitor.mode} {monitor.metric} (* marks a new best)"
             if monitor.metric
@@ -85,6 +88,7 @@ def run_summary(
     run_dir: Path,
     log_dir: Path,
     tensorboard: bool,
+    has_test_data: bool = True,
 ) -> str:
     """Elapsed time, the best epoch and where things are, with the commands to run next."""
     how = f"stopped early after {epochs_done} epochs" if stopped_early else f"finished {epochs_done} epochs"
@@ -98,7 +102,10 @@ def run_summary(
     last = run_dir / "checkpoint-last.pth"
     lines.append(f"  last      {shown_path(last)}")
     evaluated = best if monitor.metric and best.exists() else last
-    lines.append(f"  test      python test.py --resume {shown_path(evaluated)}")
+    test = f"python test.py --resume {shown_path(evaluated)}"
+    if not has_test_data:
+        test += " -c test.yaml  (this config has no test data: give test.yaml a test_data_loader section)"
+    lines.append(f"  test      {test}")
     curves = f"tensorboard --logdir {shown_path(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
     lines.append(f"  curves    {curves}; every scalar is also in {shown_path(log_dir / 'metrics.csv')}")
     lines.append(

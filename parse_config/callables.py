@@ -11,7 +11,7 @@ from utils.errors import ConfigError
 
 from .config import Config
 from .loaders import has_validation
-from .resolution import Lookup, check_arguments, close_match, resolve_type
+from .resolution import Lookup, check_arguments, close_match, resolve_type, section_kind
 
 Checker = Callable[[str], bool]
 
@@ -55,7 +55,7 @@ def check_callable(
             return unknown or [(f"{path}.args", "must be a mapping of arguments")]
     name, args = callable_spec(spec)
     try:
-        obj = resolve_type(name, lookup, trusted(type_path), allowed, path.split("[")[0])
+        obj = resolve_type(name, lookup, trusted(type_path), allowed, section_kind(path))
     except ConfigError as error:
         return [(type_path, str(error))]
     problems = check_arguments(obj, args, 0 if _built_once(obj) else 2)
@@ -79,16 +79,26 @@ def build_metrics(config: Config, lookup: Lookup) -> dict[str, Callable]:
     }
 
 
-def produced_metrics(data: dict, loaders: Lookup) -> tuple[list[str], bool]:
-    """The names an epoch's log holds (loss, metrics, and val_ of each when there is validation data)."""
-    produced = ["loss"] + [metric_name(spec) for spec in data.get("metrics") or []]
-    validating = has_validation(data, loaders)
+def produced_metrics(data: dict, lookups: dict[str, Lookup]) -> tuple[list[str], bool]:
+    """The names an epoch's log holds, and whether it validates: what the trainer class declares in `logged`
+    (the default Trainer: loss, the loss's `terms` and the metrics), and val_ of each with validation data."""
+    trainer = resolve_type((data.get("trainer") or {}).get("type", "Trainer"), lookups.get("trainer"))
+    produced = list(getattr(trainer, "logged", None) or ["loss", *_loss_terms(data, lookups)])
+    produced += [metric_name(spec) for spec in data.get("metrics") or []]
+    validating = has_validation(data, lookups.get("data_loader"))
     return produced + ([f"val_{name}" for name in produced] if validating else []), validating
 
 
-def check_metric_name(metric: str, key: str, data: dict, loaders: Lookup) -> list[tuple[str, str]]:
+def _loss_terms(data: dict, lookups: dict[str, Lookup]) -> list[str]:
+    """The named terms a multi-term loss declares (`terms = ("recon", "kl")` on its class or function)."""
+    if data.get("loss") is None:
+        return []
+    return list(getattr(resolve_type(callable_spec(data["loss"])[0], lookups.get("loss")), "terms", ()))
+
+
+def check_metric_name(metric: str, key: str, data: dict, lookups: dict[str, Lookup]) -> list[tuple[str, str]]:
     """A metric named by `key` (the monitor, a scheduler's) must be one the run produces."""
-    known, validating = produced_metrics(data, loaders)
+    known, validating = produced_metrics(data, lookups)
     if metric.startswith("val_") and not validating and metric.removeprefix("val_") in known:
         return [
             (

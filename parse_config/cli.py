@@ -18,8 +18,10 @@ from .compat import upgrade_legacy_schema
 from .config import Config
 from .loading import deep_merge, leaf_paths, load_config_file, parse_override, set_key
 from .options import REQUIRED, TOP_LEVEL, TRAINER, WRITTEN_ONLY, Option
+from .shapes import SHAPE_KEYS
 
 Lookups = Mapping[str, Any]
+UNFILLED = SHAPE_KEYS - {"lr_scheduler"}  # the form a config does not use stays out of config.yaml
 
 
 @dataclass
@@ -47,33 +49,44 @@ def _options_help(project: dict[str, Option]) -> str:
     return "\n".join(lines)
 
 
-def make_arg_parser(description: str, project: dict[str, Option] | None = None) -> argparse.ArgumentParser:
-    """The command line shared by train.py and test.py."""
+def make_arg_parser(
+    description: str, project: dict[str, Option] | None = None, evaluating: bool = False
+) -> argparse.ArgumentParser:
+    """train.py's command line, or test.py's (`evaluating`): a checkpoint to evaluate, no training flags."""
+    epilog = (
+        "-r takes a checkpoint file, or a run directory: its model_best.pth, else its newest intact "
+        "checkpoint.\n"
+        "-c and key.path=value override the checkpoint's config (e.g. the test_data_loader section)."
+        if evaluating
+        else _options_help(project or {})
+    )
     parser = argparse.ArgumentParser(
-        description=description,
-        epilog=_options_help(project or {}),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-c", "--config", help="config file (.yaml, .yml or .json)")
-    parser.add_argument("-r", "--resume", help="checkpoint file, or a run directory (its newest checkpoint)")
+    what = "its best" if evaluating else "its newest"
+    parser.add_argument("-r", "--resume", help=f"checkpoint file, or a run directory ({what} checkpoint)")
     parser.add_argument("-d", "--device", help="GPU ids to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
-    parser.add_argument(
-        "--run-id", help="run directory name (default: a timestamp; on resume, the resumed run)"
-    )
-    parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
-    parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
+    if not evaluating:
+        parser.add_argument(
+            "--run-id", help="run directory name (default: a timestamp; on resume, the resumed run)"
+        )
+        parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
+        parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "--trust-checkpoint-config",
         action="store_true",
         help="let the config inside the checkpoint name any type; only for checkpoints you made",
     )
-    parser.add_argument(
-        "--allow-inexact-resume",
-        action="store_true",
-        help="resume from a checkpoint whose RNG or data-order state is missing or damaged (logged)",
-    )
+    if not evaluating:
+        parser.add_argument(
+            "--allow-inexact-resume",
+            action="store_true",
+            help="resume from a checkpoint whose RNG or data-order state is missing or damaged (logged)",
+        )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. trainer.epochs=5")
+    parser.set_defaults(run_id=None, lr=None, bs=None, allow_inexact_resume=False)
     return parser
 
 
@@ -91,22 +104,29 @@ def parse_args(
     lookups: Lookups | Callable[[], Lookups],
     description: str = "",
     project: dict[str, Option] | None = None,
+    evaluating: bool = False,
 ) -> tuple[Config, Request]:
     """Command line -> (validated Config, Request), or ConfigError naming the file, key path and fix.
-    `lookups` (or a function returning them) says where short type names are found."""
+    `lookups` (or a function returning them) says where short type names are found; `evaluating` is
+    test.py's command line, where a run directory means its best checkpoint."""
     project = project or {}
     # flags and overrides in any order
-    args = make_arg_parser(description, project).parse_intermixed_args(argv)
+    args = make_arg_parser(description, project, evaluating).parse_intermixed_args(argv)
     if not args.config and not args.resume:
         raise ConfigError("give a config file with -c FILE, or a checkpoint to resume with -r CHECKPOINT")
-    from utils.checkpoint import newest_intact_checkpoint, stored_config  # torch: only past --help
+    from utils.checkpoint import (
+        best_checkpoint,
+        newest_intact_checkpoint,
+        stored_config,
+    )  # torch: past --help
 
     from .validation import untrusted_downloads_off, validate
 
     request = Request("", bool(args.run_id), args.device, args.print_config, args.allow_inexact_resume)
     data, user_data = {}, {}
     if args.resume:
-        request.checkpoint_path, request.checkpoint = newest_intact_checkpoint(Path(args.resume))
+        choose = best_checkpoint if evaluating else newest_intact_checkpoint
+        request.checkpoint_path, request.checkpoint = choose(Path(args.resume))
         data = stored_config(request.checkpoint, request.checkpoint_path)
     if args.config:
         user_data = load_config_file(args.config)
@@ -117,7 +137,10 @@ def parse_args(
         set_key(user_data, *parse_override(text), text)
     for key in WRITTEN_ONLY:
         user_data.pop(key, None), data.pop(key, None)
-    legacy = upgrade_legacy_schema(user_data) + upgrade_legacy_schema(data)
+    try:
+        legacy = upgrade_legacy_schema(user_data) + upgrade_legacy_schema(data)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
     allowed = tuple(user_data.get("imports") or ()) if isinstance(user_data.get("imports"), list) else ()
     trusted = None if args.trust_checkpoint_config or not args.resume else leaf_paths(user_data)
     config = Config(deep_merge(data, user_data), source, user_data, trusted, allowed, overrides)
@@ -146,7 +169,7 @@ def with_defaults(data: dict, project: dict[str, Option] | None = None) -> dict:
     filled = {
         key: copy.deepcopy(data.get(key, option.default))
         for key, option in TOP_LEVEL.items()
-        if key in data or option.default is not REQUIRED
+        if key in data or (option.default is not REQUIRED and key not in UNFILLED)
     }
     trainer = data.get("trainer", {})
     filled["trainer"] = {key: trainer.get(key, option.default) for key, option in TRAINER.items()}

@@ -16,10 +16,44 @@ from utils.util import write_json
 from .config import Config
 from .loading import load_config_file, set_key
 
+FORK_SECTIONS = {
+    "arch": "models",
+    "optimizer": "optimizers",
+    "lr_scheduler": "lr_schedulers",
+    "loss": "losses",
+}
+
+
+def upgrade_gan_fork_keys(data: dict) -> list[str]:
+    """Map the keys of pytorch-template's GAN forks onto the named forms, in place: `generator_arch` ->
+    models.generator, `generator_optimizer` -> optimizers.generator (stepping that model),
+    `generator_lr_scheduler` -> lr_schedulers.generator, `adversarial_loss` -> losses.adversarial,
+    `train_data_loader` -> data_loader; one notice per key. Beside the single form of the same part, the key
+    is refused with the form to write."""
+    notices = []
+    if isinstance(data.get("train_data_loader"), dict) and "data_loader" not in data:
+        data["data_loader"] = data.pop("train_data_loader")
+        notices.append(
+            "'train_data_loader' is a GAN fork's key: read as 'data_loader'; rename it to silence this"
+        )
+    for key in list(data):
+        part = next((p for p in FORK_SECTIONS if key.endswith(f"_{p}") and key != f"_{p}"), None)
+        if part is None or not isinstance(data[key], (dict, str) if part == "loss" else dict):
+            continue
+        name, named = key.removesuffix(f"_{part}"), FORK_SECTIONS[part]
+        if data.get(part) is not None:
+            raise ConfigError(
+                f"{key}: a second {part} beside '{part}': name both under {named}, e.g. {named}: "
+                f"{{main: <your {part} section>, {name}: <your {key} section>}}"
+            )
+        data.setdefault(named, {})[name] = data.pop(key)
+        notices.append(f"'{key}' is a GAN fork's key: read as '{named}.{name}'; rename it to silence this")
+    return notices
+
 
 def upgrade_legacy_schema(data: dict) -> list[str]:
     """Map the 2018-2019 pytorch-template keys onto today's, in place; one notice per mapped key."""
-    notices = []
+    notices = upgrade_gan_fork_keys(data)
     trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else None
 
     def moved(old: str, new: str) -> None:

@@ -13,8 +13,7 @@ from typing import Any, Callable
 from utils.errors import ConfigError
 from utils.user_code import raised_in_user_code
 
-from .options import TRANSFORM_ARGS
-from .resolution import Lookup, resolve_type
+from .resolution import Lookup, resolve_type, section_kind
 
 
 @dataclass
@@ -55,9 +54,9 @@ class Config:
 
     def resolve(self, key_path: str, name: str, lookup: Lookup) -> Any:
         """Resolve a `type` found at key_path, with the trust its source deserves."""
-        section = re.sub(r"\[\d+\].*$", "", key_path.removesuffix(".type"))
-        section = "transform" if section.endswith(TRANSFORM_ARGS) else section
-        return resolve_type(name, lookup, self.is_trusted(key_path), self.allowed_imports, section)
+        return resolve_type(
+            name, lookup, self.is_trusted(key_path), self.allowed_imports, section_kind(key_path)
+        )
 
     def construct(
         self, path: str, type_name: str, args: dict, lookup: Lookup, *runtime_args: Any, **runtime_kwargs: Any
@@ -87,11 +86,19 @@ class Config:
                 )
             ) from None
 
-    def build(self, key: str, *runtime_args: Any, lookup: Lookup = None, **runtime_kwargs: Any) -> Any:
-        """Instantiate section `key` from its `type` and `args`, plus what only the code can provide."""
-        node = self.data[key]
+    def node(self, path: str) -> Any:
+        """The value at a dotted key path (`models.generator`)."""
+        value = self.data
+        for key in path.split("."):
+            value = value[key]
+        return value
+
+    def build(self, path: str, *runtime_args: Any, lookup: Lookup = None, **runtime_kwargs: Any) -> Any:
+        """Instantiate the section at `path` (`optimizer`, `models.generator`) from its `type` and `args`,
+        plus what only the code can provide."""
+        node = self.node(path)
         return self.construct(
-            key, node["type"], dict(node.get("args") or {}), lookup, *runtime_args, **runtime_kwargs
+            path, node["type"], dict(node.get("args") or {}), lookup, *runtime_args, **runtime_kwargs
         )
 
     def init_obj(self, key: str, module: ModuleType, *args: Any, **kwargs: Any) -> Any:

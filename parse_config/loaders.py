@@ -14,8 +14,7 @@ from base.base_data_loader import BaseDataLoader
 from utils.errors import ConfigError
 
 from .config import Config
-from .options import TRANSFORM_ARGS
-from .resolution import Lookup, check_arguments, resolve_type
+from .resolution import TRANSFORM_ARGS, Lookup, check_arguments, resolve_type
 
 Checker = Callable[[str], bool]
 # torchvision datasets' arguments (a `transforms` list is a loader's own, built by the loader)
@@ -159,16 +158,27 @@ def build_validation_loader(
     return split() if callable(split) else None
 
 
-def build_test_loader(config: Config, lookup: Lookup, transforms: Lookup) -> DataLoader:
-    """test.py's data, in a fixed order and whole: the test_data_loader section, else data_loader with
-    pytorch-template's `training=False` (or torchvision's `train=False`)."""
+def test_split(config: Config, lookup: Lookup) -> str | None:
+    """Where test.py finds test data: the test_data_loader section, else data_loader with pytorch-template's
+    `training=False` (or torchvision's `train=False`); None when neither exists."""
     if config["test_data_loader"]:
-        return build_loader(config, "test_data_loader", lookup, transforms, **EVALUATION_ARGS)
+        return "test_data_loader"
     loader_type = config.resolve("data_loader.type", config["data_loader"]["type"], lookup)
     split = next((name for name in ("training", "train") if accepts(loader_type, name)), None)
+    return f"data_loader with {split}=False" if split else None
+
+
+def build_test_loader(config: Config, lookup: Lookup, transforms: Lookup) -> tuple[DataLoader, str]:
+    """test.py's data, in a fixed order and whole, and where it came from (see test_split)."""
+    split = test_split(config, lookup)
     if split is None:
         raise ConfigError(
             f"{config.source}: data_loader.type: {config['data_loader']['type']} takes no `training` "
             "or `train` argument to select test data: add a test_data_loader section"
         )
-    return build_loader(config, "data_loader", lookup, transforms, **EVALUATION_ARGS, **{split: False})
+    if split == "test_data_loader":
+        return build_loader(config, "test_data_loader", lookup, transforms, **EVALUATION_ARGS), split
+    argument = split.split()[-1].split("=")[0]
+    return build_loader(
+        config, "data_loader", lookup, transforms, **EVALUATION_ARGS, **{argument: False}
+    ), split

@@ -154,6 +154,18 @@ def _callable_specs(value: Any) -> str | None:
     return f"must be a list of names or of mappings with 'type' and optional 'args', not {value!r}"
 
 
+def _named_sections(value: Any) -> str | None:
+    if isinstance(value, dict) and value and all(isinstance(node, dict) for node in value.values()):
+        return None
+    return f"must be a mapping of names to sections with 'type' and 'args', not {value!r}"
+
+
+def _named_callables(value: Any) -> str | None:
+    if isinstance(value, dict) and value and not any(_callable_spec(spec) for spec in value.values()):
+        return None
+    return f"must be a mapping of names to function or class names (or {{type, args}}), not {value!r}"
+
+
 _boolean = of_type(bool, "true or false")
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 TOP_LEVEL = {
@@ -165,7 +177,9 @@ TOP_LEVEL = {
         integer(0, 2**63 - 1), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"
     ),
     "imports": Option(string_list, [], "packages a checkpoint's config may name types from (see SECURITY)"),
-    "arch": Option(_section, REQUIRED, "the model: type, args, optional init and init_from"),
+    "arch": Option(optional(_section), None, "the model: type, args, optional init and init_from"),
+    "models": Option(optional(_named_sections), None, "several models by name, each like arch"),
+    "eval_model": Option(optional(of_type(str, "a model name")), None, "the model test.py evaluates"),
     "data_loader": Option(_section, REQUIRED, "training data: a DataLoader or Dataset type, args"),
     "valid_data_loader": Option(
         optional(_section), None, "validation data (else the loader's split_validation())"
@@ -173,20 +187,24 @@ TOP_LEVEL = {
     "test_data_loader": Option(
         optional(_section), None, "test.py's data (else data_loader with training=False)"
     ),
-    "optimizer": Option(_section, REQUIRED, "type from torch.optim (or a dotted path), args"),
+    "optimizer": Option(optional(_section), None, "type from torch.optim (or a dotted path), args"),
+    "optimizers": Option(optional(_named_sections), None, "several optimizers by name: type, args, model"),
     "loss": Option(
-        _callable_spec, REQUIRED, "name in model/loss.py or torch.nn, a dotted path, or {type, args}"
+        optional(_callable_spec), None, "name in model/loss.py or torch.nn, a dotted path, or {type, args}"
     ),
+    "losses": Option(optional(_named_callables), None, "several losses by name, each like loss"),
     "metrics": Option(
         _callable_specs, [], "names in model/metric.py or {type, args, name}: logged as m and val_m"
     ),
     "lr_scheduler": Option(
         optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"
     ),
+    "lr_schedulers": Option(optional(_named_sections), None, "schedulers by the optimizer name they step"),
     "trainer": Option(of_type(dict, "a mapping"), {}, "the trainer options below"),
 }
 WRITTEN_ONLY = ("resolved",)  # config.yaml's record of what `auto` became: ignored when a config is read
 TRAINER = {
+    "type": Option(of_type(str, "a Trainer class name"), "Trainer", "the trainer class (trainer/*.py)"),
     "epochs": Option(integer(1), 10, "number of epochs to train"),
     "save_dir": Option(
         of_type(str, "a path"), "saved/", "root of models/<name>/<run_id> and log/<name>/<run_id>"
@@ -226,15 +244,17 @@ TRAINER = {
     "sync_batchnorm": Option(
         _boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"
     ),
+    "find_unused_parameters": Option(
+        _boolean, False, "under DDP, allow parameters that get no gradient in a step (a skipped branch)"
+    ),
 }
 LOADER_SECTIONS = ("data_loader", "valid_data_loader", "test_data_loader")
-TRANSFORM_ARGS = ("transforms", "transform", "target_transform")  # lists of {type, args} from torchvision
 # Arguments that make torchvision fetch weights from the network: a checkpoint's config may not set them
 # (a dataset's `download` from a checkpoint is turned off instead: present data still loads).
 NETWORK_ARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 SECTION_KEYS = {
     "arch": ("type", "args", "init", "init_from"),
-    "optimizer": ("type", "args"),
+    "optimizer": ("type", "args", "module", "param_groups"),
     "lr_scheduler": ("type", "args", "monitor"),
     **{key: ("type", "args") for key in LOADER_SECTIONS},
 }

@@ -8,6 +8,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -43,9 +44,30 @@ UNTRUSTED_CLASS_BASES = {  # what a class named by a checkpoint's config must be
     "loss": ("torch.nn.Module",),
     "optimizer": ("torch.optim.Optimizer",),
     "lr_scheduler": ("torch.optim.lr_scheduler.LRScheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"),
+    "trainer": ("base.BaseTrainer",),
 }
 USER_PACKAGES = ("model", "data_loader", "trainer")
 UNTRUSTED_FUNCTION_MODULES = ("model", "torchvision.models", "torch.nn.functional", "torchvision.transforms")
+
+
+NAMED_SECTIONS = {
+    "models": "arch",
+    "optimizers": "optimizer",
+    "lr_schedulers": "lr_scheduler",
+    "losses": "loss",
+}
+TRANSFORM_ARGS = ("transforms", "transform", "target_transform")  # lists of {type, args} from torchvision
+
+
+def section_kind(key_path: str) -> str:
+    """The kind of section a key path lies in, which decides what a checkpoint's config may name there:
+    `models.generator.type` -> arch, `metrics[1].type` -> metrics, `data_loader.args.transform[0]` ->
+    transform."""
+    path = re.sub(r"\[\d+\].*$", "", key_path.removesuffix(".type"))
+    if path.endswith(TRANSFORM_ARGS):
+        return "transform"
+    head = path.split(".")[0]
+    return NAMED_SECTIONS.get(head, path)
 
 
 def closest(name: str, candidates: Any) -> str | None:
@@ -82,23 +104,26 @@ def resolve_type(
             )
         obj = _from_file(name)
     elif "." not in name and lookup is not None:
-        obj = _from_lookup(name, lookup if isinstance(lookup, tuple) else (lookup,))
+        obj, found_in = _from_lookup(name, lookup if isinstance(lookup, tuple) else (lookup,))
     else:
         if not trusted and not _in_modules(name, PROJECT_PACKAGES + ("torch", "torchvision") + allowed):
             raise _refusal(f"'{name}' is outside the project, torch, torchvision and `imports:`")
         denied = [module for module in DENIED_MODULES if _in_modules(name, (module,))]
         if not trusted and denied:  # refused before it is imported
-            raise _refusal(f"'{name}' is in {denied[0]}, which a checkpoint's config may not name")
-        obj = _from_dotted_path(name, trusted)
+            raise _refusal(
+                f"'{name}' is in {denied[0]}, which a checkpoint's config may not name", listable=False
+            )
+        obj, found_in = _from_dotted_path(name, trusted)
     if not callable(obj):
         raise ConfigError(f"'{name}' is not a class or function")
     if not trusted:
-        _check_untrusted(name, obj, allowed, section)
+        _check_untrusted(name, obj, found_in, allowed, section)
     return obj
 
 
 def _from_lookup(name: str, modules: tuple[ModuleType, ...]) -> Any:
-    found = [getattr(module, name) for module in modules if hasattr(module, name)]
+    """The object and the module it was found in."""
+    found = [(getattr(module, name), module.__name__) for module in modules if hasattr(module, name)]
     if not found or name.startswith("_"):
         public = [n for module in modules for n in dir(module) if not n.startswith("_")]
         where = " or ".join(module.__name__ for module in modules)
@@ -124,10 +149,11 @@ def _from_file(name: str) -> Any:
     return getattr(module, attribute)
 
 
-def _from_dotted_path(name: str, trusted: bool) -> Any:
+def _from_dotted_path(name: str, trusted: bool) -> tuple[Any, str | None]:
+    """The object, and the module it is a direct attribute of (None when reached through other objects)."""
     parts = name.split(".")
     if not trusted and any(part.startswith("_") for part in parts):
-        raise _refusal(f"'{name}' names a private attribute")
+        raise _refusal(f"'{name}' names a private attribute", listable=False)
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
         try:
@@ -143,25 +169,33 @@ def _from_dotted_path(name: str, trusted: bool) -> Any:
                 where = ".".join(parts[: split + index])
                 raise ConfigError(f"'{where}' has no '{attribute}'{close_match(attribute, dir(obj))}")
             obj = getattr(obj, attribute)
-        return obj
+        return obj, module_name if len(parts) - split == 1 else None
     raise ConfigError(f"'{name}' does not import: no module named '{parts[0]}'")
 
 
-def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str) -> None:
+def _check_untrusted(
+    name: str, obj: Any, found_in: str | None, allowed: tuple[str, ...], section: str
+) -> None:
+    """A class or function must be defined in the project, torch or torchvision (of the kind the section
+    expects) or in `allowed`; an object (a loss instance) must be one the project's own modules, or `allowed`
+    packages, define directly: code already on this disk, of the user's choosing."""
+    is_code = inspect.isclass(obj) or inspect.isroutine(obj) or inspect.ismodule(obj)
+    if not is_code and found_in and _in_modules(found_in, USER_PACKAGES + allowed):
+        return
     module_name = getattr(obj, "__module__", None) or ""
     roots = PROJECT_PACKAGES + ("torch", "torchvision") + allowed
     refused = f"'{name}' (defined in '{module_name or 'builtins'}') may not be named by a checkpoint's config"
     if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not _in_modules(module_name, roots):
         raise _refusal(refused)
     if _in_modules(module_name, DENIED_MODULES):
-        raise _refusal(refused)
+        raise _refusal(refused, listable=False)
     if _in_modules(module_name, USER_PACKAGES + allowed):  # code already on this disk, of the user's choosing
         return
     if inspect.isclass(obj) and section == "transform":
         if not _in_modules(module_name, ("torchvision.transforms",)):
             raise _refusal(f"{refused}: transforms must come from torchvision.transforms")
     elif inspect.isclass(obj):
-        bases = tuple(_from_dotted_path(base, True) for base in UNTRUSTED_CLASS_BASES.get(section, ()))
+        bases = tuple(_from_dotted_path(base, True)[0] for base in UNTRUSTED_CLASS_BASES.get(section, ()))
         if not bases or not issubclass(obj, bases):
             expected = " or ".join(UNTRUSTED_CLASS_BASES.get(section, ())) or "a function"
             raise _refusal(f"{refused}: {section} must be {expected}")
@@ -169,11 +203,17 @@ def _check_untrusted(name: str, obj: Any, allowed: tuple[str, ...], section: str
         raise _refusal(f"{refused}: functions must come from {', '.join(UNTRUSTED_FUNCTION_MODULES)}")
 
 
-def _refusal(problem: str) -> ConfigError:
+def _refusal(problem: str, listable: bool = True) -> ConfigError:
+    """Refused: a downloaded checkpoint is data. The advice names what lifts the refusal: listing the package
+    under `imports:` where that suffices (`listable`), else naming the type in the user's own config."""
+    remedy = (
+        "list its package under `imports:` in your own -c config"
+        if listable
+        else "name the type yourself in your own -c config (or as key.type=... on the command line)"
+    )
     return ConfigError(
-        f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, list its "
-        "package under `imports:` in your own -c config, or pass --trust-checkpoint-config "
-        "(only for checkpoints you made yourself)"
+        f"{problem}: refused, a downloaded checkpoint is data, not code. To allow it, {remedy}, or pass "
+        "--trust-checkpoint-config (only for checkpoints you made yourself)"
     )
 
 

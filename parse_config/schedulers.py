@@ -12,6 +12,7 @@ from .config import Config
 from .loaders import has_validation
 from .options import parse_monitor
 from .resolution import Lookup
+from .shapes import Entry
 
 logger = logging.getLogger(__name__)
 PLATEAU = "ReduceLROnPlateau"
@@ -22,55 +23,50 @@ def _type_name(node: dict) -> str:
     return node["type"].split(".")[-1]
 
 
-def scheduler_monitor(data: dict, loaders: Lookup) -> tuple[str, str]:
-    """(mode, metric) that ReduceLROnPlateau steps on: lr_scheduler.monitor, else the trainer's monitor,
+def scheduler_monitor(data: dict, node: dict, loaders: Lookup) -> tuple[str, str]:
+    """(mode, metric) that a ReduceLROnPlateau section steps on: its `monitor`, else the trainer's monitor,
     else val_loss (or loss without validation data), minimised."""
-    node = data.get("lr_scheduler") or {}
     if node.get("monitor"):
         return (node.get("args") or {}).get("mode", "min"), node["monitor"]
     monitor = parse_monitor(data.get("trainer", {}).get("monitor", "off"))
     return monitor or ("min", "val_loss" if has_validation(data, loaders) else "loss")
 
 
-def check_scheduler(data: dict, loaders: Lookup) -> list[tuple[str, str]]:
-    """(key path, problem) for the lr_scheduler section, once the rest of the config is valid."""
-    node = data.get("lr_scheduler")
-    if not node or not isinstance(node.get("type"), str):
+def check_scheduler(data: dict, entry: Entry, lookups: dict[str, Lookup]) -> list[tuple[str, str]]:
+    """(key path, problem) for one scheduler section, once the rest of the config is valid."""
+    node, path = entry.node, entry.path
+    if not isinstance(node.get("type"), str):
         return []
     name = _type_name(node)
     if name != PLATEAU:
         if node.get("monitor") is not None:
-            return [
-                ("lr_scheduler.monitor", f"only ReduceLROnPlateau steps on a metric, not {name}; remove it")
-            ]
+            return [(f"{path}.monitor", f"only ReduceLROnPlateau steps on a metric, not {name}; remove it")]
         return []
     if data.get("trainer", {}).get("lr_step", "epoch") == "batch":
         return [("trainer.lr_step", "ReduceLROnPlateau steps on an epoch's metric: set lr_step: epoch")]
     if node.get("monitor") is not None:
         if not isinstance(node["monitor"], str):
-            return [
-                ("lr_scheduler.monitor", f"must be a metric name such as val_loss, not {node['monitor']!r}")
-            ]
-        return check_metric_name(node["monitor"], "lr_scheduler.monitor", data, loaders)
-    mode, metric = scheduler_monitor(data, loaders)
+            return [(f"{path}.monitor", f"must be a metric name such as val_loss, not {node['monitor']!r}")]
+        return check_metric_name(node["monitor"], f"{path}.monitor", data, lookups)
+    mode, metric = scheduler_monitor(data, node, lookups.get("data_loader"))
     scheduler_mode = (node.get("args") or {}).get("mode", "min")
     if scheduler_mode != mode:
         return [
             (
-                "lr_scheduler.args.mode",
+                f"{path}.args.mode",
                 f"is '{scheduler_mode}' but trainer.monitor wants {mode} {metric}: set "
-                f"mode: {mode}, or name another metric in lr_scheduler.monitor",
+                f"mode: {mode}, or name another metric in {path}.monitor",
             )
         ]
     return []
 
 
 def build_schedule(
-    config: Config, optimizer: Any, steps_per_epoch: int, lookup: Lookup, loaders: Lookup
+    config: Config, entry: Entry, optimizer: Any, steps_per_epoch: int, lookup: Lookup, loaders: Lookup
 ) -> Schedule:
-    """The LR scheduler and when it steps; a fixed-length schedule is checked against the run's length before
-    anything is written."""
-    node, trainer = config["lr_scheduler"], config.trainer
+    """The LR scheduler of one scheduler section and when it steps; a fixed-length schedule is checked
+    against the run's length before anything is written."""
+    node, trainer = entry.node, config.trainer
     name, per_batch = _type_name(node), trainer["lr_step"] == "batch"
     if name in PER_BATCH_SCHEDULERS and not per_batch:
         logger.warning(
@@ -82,16 +78,17 @@ def build_schedule(
     if name == "OneCycleLR":
         _fit_one_cycle(
             config,
+            entry,
             trainer["epochs"] * (steps_per_epoch if per_batch else 1),
             f"{trainer['epochs']} epochs" + (f" x {steps_per_epoch} optimizer steps" if per_batch else ""),
         )
-    metric = scheduler_monitor(config.data, loaders)[1] if name == PLATEAU else None
-    return Schedule(config.build("lr_scheduler", optimizer, lookup=lookup), per_batch, metric)
+    metric = scheduler_monitor(config.data, node, loaders)[1] if name == PLATEAU else None
+    return Schedule(config.build(entry.path, optimizer, lookup=lookup), per_batch, metric)
 
 
-def _fit_one_cycle(config: Config, run_steps: int, length: str) -> None:
+def _fit_one_cycle(config: Config, entry: Entry, run_steps: int, length: str) -> None:
     """`total_steps: auto` (or no length) becomes the run's length; a length that differs is an error."""
-    args = config["lr_scheduler"].setdefault("args", {})
+    args = entry.node.setdefault("args", {})
     if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
         args.update(total_steps=run_steps)
         args.pop("epochs", None), args.pop("steps_per_epoch", None)
@@ -100,6 +97,6 @@ def _fit_one_cycle(config: Config, run_steps: int, length: str) -> None:
     if given != run_steps:
         key = "total_steps" if "total_steps" in args else "epochs"
         raise ConfigError(
-            f"{config.source}: lr_scheduler.args.{key}: OneCycleLR would run {given} steps but this "
+            f"{config.source}: {entry.path}.args.{key}: OneCycleLR would run {given} steps but this "
             f"run takes {run_steps} ({length}); set total_steps: auto"
         )

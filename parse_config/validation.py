@@ -7,6 +7,7 @@ section kind's own rules live with its builder (loaders.py, callables.py, schedu
 import re
 from typing import Any, Callable
 
+from base import BaseTrainer
 from utils.errors import ConfigError
 
 from .callables import check_callable, check_metric_name, metric_name
@@ -28,6 +29,7 @@ from .options import (
 )
 from .resolution import Lookup, check_arguments, close_match, closest, resolve_type
 from .schedulers import check_scheduler
+from .shapes import OPTIMIZER_KEYS, SHAPE_KEYS, check_shape, entries
 
 Checker = Callable[[str], bool]
 
@@ -42,42 +44,73 @@ def validate(
     """(errors, notices): every problem in the config as (key path, what is wrong and the fix), and every
     key kept for the project's code without being declared."""
     errors, notices = _unknown_keys(data, TOP_LEVEL, "", project)
-    misspelt = {closest(key, TOP_LEVEL) for key in data if key not in TOP_LEVEL}
+    misspelt = {closest(key, TOP_LEVEL) for key in data if key not in TOP_LEVEL and key not in project}
     errors += [e for e in _check_options(data, TOP_LEVEL, "") if e[0] not in misspelt]  # one error per typo
     trainer = data.get("trainer")
     if isinstance(trainer, dict):
         more_errors, more_notices = _unknown_keys(trainer, TRAINER, "trainer.", project)
-        errors, notices = (
-            errors + more_errors + _check_options(trainer, TRAINER, "trainer."),
-            notices + more_notices,
-        )
+        errors += more_errors + _check_options(trainer, TRAINER, "trainer.")
+        errors += _check_trainer_type(trainer, lookups, trusted, allowed)
+        notices += more_notices
     errors += _check_project_options(data, project)
-    for section, keys in SECTION_KEYS.items():
+    for section in LOADER_SECTIONS:
         if isinstance(data.get(section), dict):
-            errors += _check_section(data, section, keys, lookups, trusted, allowed)
-    if isinstance(data.get("loss"), (str, dict)):
+            errors += _check_section(section, data[section], section, lookups, trusted, allowed)
+    malformed = ({path for path, _ in errors} | misspelt) & SHAPE_KEYS  # reported already: once is enough
+    shape_errors = check_shape(data) if not malformed else []
+    errors += shape_errors
+    shape_known = not malformed and not shape_errors
+    for part, kind in (("model", "arch"), ("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
+        for entry in entries(data, part) if shape_known else ():
+            errors += _check_section(entry.path, entry.node, kind, lookups, trusted, allowed)
+    for entry in entries(data, "loss") if shape_known else ():
         errors += check_callable(
-            data["loss"], "loss", lookups.get("loss"), trusted, allowed, ("type", "args")
+            entry.node, entry.path, lookups.get("loss"), trusted, allowed, ("type", "args")
         )
     if isinstance(data.get("metrics"), list):
-        for index, spec in enumerate(data["metrics"]):
-            errors += check_callable(
-                spec, f"metrics[{index}]", lookups.get("metrics"), trusted, allowed, METRIC_KEYS
-            )
-        names = [
-            metric_name(spec)
-            for spec in data["metrics"]
-            if isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("type"), str))
-        ]
-        errors += [
-            (f"metrics[{i}]", f"the name '{n}' is used twice; give one of them a `name`")
-            for i, n in enumerate(names)
-            if n in names[:i]
-        ]
+        errors += _check_metrics(data["metrics"], lookups, trusted, allowed)
     errors += _check_downloads(data, trusted)
     if not errors:
-        errors += _check_monitor(data, lookups) + check_scheduler(data, lookups.get("data_loader"))
+        errors += _check_monitor(data, lookups)
+        for entry in entries(data, "scheduler"):
+            errors += check_scheduler(data, entry, lookups)
     return errors, notices
+
+
+def _check_metrics(
+    specs: list, lookups: dict[str, Lookup], trusted: Checker, allowed: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    errors = []
+    for index, spec in enumerate(specs):
+        errors += check_callable(
+            spec, f"metrics[{index}]", lookups.get("metrics"), trusted, allowed, METRIC_KEYS
+        )
+    names = [
+        metric_name(spec)
+        for spec in specs
+        if isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("type"), str))
+    ]
+    return errors + [
+        (f"metrics[{i}]", f"the name '{n}' is used twice; give one of them a `name`")
+        for i, n in enumerate(names)
+        if n in names[:i]
+    ]
+
+
+def _check_trainer_type(
+    trainer: dict, lookups: dict[str, Lookup], trusted: Checker, allowed: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """trainer.type names a BaseTrainer subclass (trainer/trainer.py's Trainer by default)."""
+    if not isinstance(trainer.get("type", "Trainer"), str) or "trainer" not in lookups:
+        return []
+    try:
+        name = trainer.get("type", "Trainer")
+        trainer_class = resolve_type(name, lookups["trainer"], trusted("trainer.type"), allowed, "trainer")
+    except ConfigError as error:
+        return [("trainer.type", str(error))]
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, BaseTrainer)):
+        return [("trainer.type", f"{trainer['type']} is not a BaseTrainer subclass")]
+    return []
 
 
 def untrusted_downloads_off(data: dict, trusted: Checker) -> list[tuple[str, str]]:
@@ -102,10 +135,10 @@ def _check_downloads(data: dict, trusted: Checker) -> list[tuple[str, str]]:
     """A checkpoint's config may not make torchkiln reach the network (pretrained weights, dataset
     downloads)."""
     errors = []
-    for section in ("arch",):
-        args = (data.get(section) or {}).get("args") if isinstance(data.get(section), dict) else None
+    for entry in entries(data, "model"):
+        args = entry.node.get("args") if isinstance(entry.node, dict) else None
         for key in NETWORK_ARGS:
-            path = f"{section}.args.{key}"
+            path = f"{entry.path}.args.{key}"
             if isinstance(args, dict) and args.get(key) not in (None, False) and not trusted(path):
                 errors.append(
                     (
@@ -129,10 +162,13 @@ def _unknown_keys(
         if key in table or path in project:
             continue
         alias = KNOWN_ALIASES.get(key)
+        keep = f"; if '{path}' is your own key, declare it in trainer/options.py"
         if alias:
-            errors.append((path, f"unknown {what} (did you mean '{alias}'? that is torchkiln's name for it)"))
+            errors.append(
+                (path, f"unknown {what} (did you mean '{alias}'? that is torchkiln's name for it){keep}")
+            )
         elif closest(key, table):
-            errors.append((path, f"unknown {what}{close_match(key, table)}"))
+            errors.append((path, f"unknown {what}{close_match(key, table)}{keep}"))
         else:
             notices.append(
                 (
@@ -167,60 +203,58 @@ def _check_project_options(data: dict, project: dict[str, Option]) -> list[tuple
 
 
 def _check_section(
-    data: dict,
-    section: str,
-    keys: tuple[str, ...],
-    lookups: dict[str, Lookup],
-    trusted: Checker,
-    allowed: tuple[str, ...],
+    path: str, node: Any, kind: str, lookups: dict[str, Lookup], trusted: Checker, allowed: tuple[str, ...]
 ) -> list[tuple[str, str]]:
-    node = data[section]
+    """A {type, args} section at `path` of one kind: arch, optimizer, lr_scheduler or a data section."""
+    if not isinstance(node, dict):
+        return [(path, f"must be a mapping with 'type' and 'args', not {node!r}")]
+    keys = OPTIMIZER_KEYS if path.startswith("optimizers.") else SECTION_KEYS[kind]
     errors = [
-        (f"{section}.{k}", f"unknown key{close_match(k, keys)}; a section holds {', '.join(keys)}")
+        (f"{path}.{k}", f"unknown key{close_match(k, keys)}; a section holds {', '.join(keys)}")
         for k in node
         if k not in keys
     ]
-    if section == "arch":
-        errors += _check_options({k: v for k, v in node.items() if v is not None}, ARCH_EXTRAS, "arch.")
-        errors += _check_init_from(node.get("init_from"))
+    if kind == "arch":
+        errors += _check_options({k: v for k, v in node.items() if v is not None}, ARCH_EXTRAS, f"{path}.")
+        errors += _check_init_from(node.get("init_from"), path)
+    if kind == "optimizer" and not all(isinstance(g, dict) for g in node.get("param_groups") or []):
+        errors.append(
+            (f"{path}.param_groups", "must be a list of mappings {model, module, ...hyperparameters}")
+        )
     args = node.get("args", {}) or {}
     if not isinstance(args, dict):
-        return errors + [(f"{section}.args", f"must be a mapping of constructor arguments, not {args!r}")]
-    lookup = lookups.get("data_loader" if section in LOADER_SECTIONS else section)
+        return errors + [(f"{path}.args", f"must be a mapping of constructor arguments, not {args!r}")]
+    lookup = lookups.get("data_loader" if kind in LOADER_SECTIONS else kind)
     try:
-        obj = resolve_type(node.get("type"), lookup, trusted(f"{section}.type"), allowed, section)
+        obj = resolve_type(node.get("type"), lookup, trusted(f"{path}.type"), allowed, kind)
     except ConfigError as error:
-        return errors + [(f"{section}.type", str(error))]
-    if section in LOADER_SECTIONS:
-        return errors + check_loader(section, obj, args, lookups.get("transforms"), trusted, allowed)
-    problems = check_arguments(obj, args, RUNTIME_ARGS.get(section, 0))
-    return errors + [(f"{section}.args.{key}", problem) for key, problem in problems]
+        return errors + [(f"{path}.type", str(error))]
+    if kind in LOADER_SECTIONS:
+        return errors + check_loader(path, obj, args, lookups.get("transforms"), trusted, allowed)
+    problems = check_arguments(obj, args, RUNTIME_ARGS.get(kind, 0))
+    return errors + [(f"{path}.args.{key}", problem) for key, problem in problems]
 
 
-def _check_init_from(spec: Any) -> list[tuple[str, str]]:
+def _check_init_from(spec: Any, path: str) -> list[tuple[str, str]]:
     if not isinstance(spec, dict):
         return []
-    known = ("path", "strict", "exclude")
-    errors = [(f"arch.init_from.{k}", f"unknown key{close_match(k, known)}") for k in spec if k not in known]
+    known, where = ("path", "strict", "exclude"), f"{path}.init_from"
+    errors = [(f"{where}.{k}", f"unknown key{close_match(k, known)}") for k in spec if k not in known]
     if not isinstance(spec.get("path"), str):
-        errors.append(("arch.init_from.path", "is required: the checkpoint or state_dict file to load from"))
+        errors.append((f"{where}.path", "is required: the checkpoint or state_dict file to load from"))
     if not isinstance(spec.get("strict", False), bool):
-        errors.append(("arch.init_from.strict", "must be true or false"))
+        errors.append((f"{where}.strict", "must be true or false"))
     if string_list(spec.get("exclude", [])):
-        errors.append(("arch.init_from.exclude", "must be a list of regular expressions"))
+        errors.append((f"{where}.exclude", "must be a list of regular expressions"))
     for pattern in spec.get("exclude", []) if isinstance(spec.get("exclude"), list) else []:
         try:
             re.compile(pattern)
         except re.error as error:
-            errors.append(("arch.init_from.exclude", f"'{pattern}' is not a regular expression: {error}"))
+            errors.append((f"{where}.exclude", f"'{pattern}' is not a regular expression: {error}"))
     return errors
 
 
 def _check_monitor(data: dict, lookups: dict[str, Lookup]) -> list[tuple[str, str]]:
     """Monitor names are known up front: loss, each metric m, and val_ of each when validating."""
     monitor = parse_monitor(data.get("trainer", {}).get("monitor", "off"))
-    return (
-        []
-        if monitor is None
-        else check_metric_name(monitor[1], "trainer.monitor", data, lookups.get("data_loader"))
-    )
+    return [] if monitor is None else check_metric_name(monitor[1], "trainer.monitor", data, lookups)

@@ -150,7 +150,7 @@ def _renamed(old: str, new: str) -> dict:
 
 
 FILE_ERRORS = [  # (config, overrides, expected message after "error: <file>: ")
-    (_renamed("optimizer", "optimzer"), [], "optimzer: unknown top-level key (did you mean 'optimizer'?)"),
+    (_renamed("optimizer", "optimzer"), [], "optimzer: unknown top-level key (did you mean 'optimizer'?); if 'optimzer' is your own key, declare it in trainer/options.py"),
     (_without("arch"), [], "arch: is required: add it (the model: type, args, optional init and init_from)"),
     ({**TINY, "trainer": {**TINY["trainer"], "epochs": "ten"}}, [], "trainer.epochs: must be an integer >= 1, not 'ten'"),
     ({**TINY, "trainer": {**TINY["trainer"], "epochs": 0}}, [], "trainer.epochs: must be an integer >= 1, not 0"),
@@ -181,7 +181,7 @@ OVERRIDE_ERRORS = [  # (override, expected message after "error: ")
                                  "(from type 'missing.py:Net')"),
     ("optimizer.args.lrr=0.1",
      "override 'optimizer.args.lrr=0.1': optimizer.args.lrr: is not an argument of Adam (did you mean 'lr'?)"),
-    ("trainer.epoch=3", "override 'trainer.epoch=3': trainer.epoch: unknown trainer option (did you mean 'epochs'?)"),
+    ("trainer.epoch=3", "override 'trainer.epoch=3': trainer.epoch: unknown trainer option (did you mean 'epochs'?); if 'trainer.epoch' is your own key, declare it in trainer/options.py"),
     ("optimizer.args.lr", "override 'optimizer.args.lr': no '='; write key.path=value, e.g. trainer.epochs=5"),
     ("=3", "override '=3': no key before '='; write key.path=value"),
     ("trainer..epochs=1", "override 'trainer..epochs=1': empty part in key path 'trainer..epochs'; write key.path=value"),

@@ -10,6 +10,9 @@ MARKER = "pwned"
 PAYLOAD = ["sh", "-c", f"touch {MARKER}"]
 HINT = ("refused, a downloaded checkpoint is data, not code. To allow it, list its package under `imports:` in your "
         "own -c config, or pass --trust-checkpoint-config (only for checkpoints you made yourself)")
+NAME_IT = ("refused, a downloaded checkpoint is data, not code. To allow it, name the type yourself in your own -c "
+           "config (or as key.type=... on the command line), or pass --trust-checkpoint-config (only for "
+           "checkpoints you made yourself)")  # where listing the package would not lift the refusal
 
 
 @pytest.fixture
@@ -62,7 +65,8 @@ def test_checkpoint_config_cannot_name_code(tmp_path, checkpoint, capsys, entry,
     evil = _poisoned(checkpoint, tmp_path, **config)
     before = files_under(tmp_path)
     assert entry(["-r", str(evil)]) == 2
-    assert capsys.readouterr().err == f"error: {evil}: {key}: {problem}: {HINT}\n"
+    hint = NAME_IT if any(word in problem for word in ("torch.hub", "torch.serialization", "cpp_extension", "private")) else HINT
+    assert capsys.readouterr().err == f"error: {evil}: {key}: {problem}: {hint}\n"
     assert not (tmp_path / MARKER).exists() and files_under(tmp_path) == before
 
 

@@ -202,9 +202,10 @@ def test_lightning_names_point_to_torchkilns(tmp_path, capsys):
     assert train.main(["-c", str(path), "trainer.gradient_clip_val=1.0", "max_epochs=3"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: override 'max_epochs=3': max_epochs: unknown top-level key (did you mean 'trainer.epochs'? that is "
-        "torchkiln's name for it)",
+        "torchkiln's name for it); if 'max_epochs' is your own key, declare it in trainer/options.py",
         "override 'trainer.gradient_clip_val=1.0': trainer.gradient_clip_val: unknown trainer option (did you mean "
-        "'trainer.clip_grad_norm'? that is torchkiln's name for it)"]
+        "'trainer.clip_grad_norm'? that is torchkiln's name for it); if 'trainer.gradient_clip_val' is your own key, "
+        "declare it in trainer/options.py"]
 
 
 def test_grad_norm_is_logged_at_log_steps(tmp_path):

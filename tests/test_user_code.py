@@ -311,8 +311,9 @@ def test_project_keys_declared_undeclared_and_misspelt(tmp_path, project, monkey
     assert train.main(["-c", str(path), "num_classes=2", "trainer.epoch=3", "max_epochs=3"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: override 'max_epochs=3': max_epochs: unknown top-level key (did you mean 'trainer.epochs'? that is "
-        "torchkiln's name for it)",
-        "override 'trainer.epoch=3': trainer.epoch: unknown trainer option (did you mean 'epochs'?)"]
+        "torchkiln's name for it); if 'max_epochs' is your own key, declare it in trainer/options.py",
+        "override 'trainer.epoch=3': trainer.epoch: unknown trainer option (did you mean 'epochs'?); if "
+        "'trainer.epoch' is your own key, declare it in trainer/options.py"]
     with pytest.raises(SystemExit):
         train.main(["--help"])
     assert "  trainer.warmup_epochs   epochs of linear LR warm-up (0)" in capsys.readouterr().out

@@ -34,6 +34,21 @@ class Trainer(BaseTrainer):
                 self.after_optimizer_step(epoch, batch_idx, data, loss)
         return self.train_metrics.result()
 
+    @staticmethod
+    def evaluate_models(
+        models: dict[str, nn.Module],
+        eval_name: str,
+        criteria: dict[str, Callable],
+        batches: Iterable,
+        metrics: EpochMetrics,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        channels_last: bool = False,
+    ) -> dict[str, float]:
+        """test.py's evaluation: the loss and metrics of the evaluation model, as in validation."""
+        criterion = next(iter(criteria.values()))
+        return evaluate(models[eval_name], batches, criterion, metrics, device, autocast, channels_last)
+
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
         progress = tqdm(
             self.valid_data_loader,

@@ -183,6 +183,18 @@ def stored_config(state: Mapping[str, Any], path: Path) -> dict:
     return config
 
 
+def best_checkpoint(path: Path) -> tuple[Path, dict]:
+    """A checkpoint file, or a run directory's model_best.pth (what test.py evaluates) when it has an intact
+    one, else its newest intact checkpoint."""
+    best = path / "model_best.pth"
+    if path.is_dir() and best.is_file():
+        try:
+            return best, load_checkpoint(best)
+        except CheckpointError as error:
+            logger.warning("%s; falling back to the newest intact checkpoint", error)
+    return newest_intact_checkpoint(path)
+
+
 def newest_intact_checkpoint(path: Path) -> tuple[Path, dict]:
     """A checkpoint file, or a run directory's newest checkpoint that is intact: a damaged newest one is
     skipped with a warning."""

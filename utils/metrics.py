@@ -25,6 +25,12 @@ class MetricTracker:
         self._sums: dict[str, torch.Tensor | float | None] = dict.fromkeys(self.keys)
         self._counts = dict.fromkeys(self.keys, 0)
 
+    def add_key(self, key: str) -> None:
+        """Track one more key (a loss term seen for the first time); every DDP rank adds it at one batch."""
+        if key not in self._counts:
+            self.keys.append(key)
+            self._sums[key], self._counts[key] = None, 0
+
     def update(self, key: str, value: torch.Tensor | float, n: int = 1) -> None:
         if self.writer is not None:
             self.writer.add_scalar(key, value)
@@ -65,6 +71,8 @@ class MetricTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
+        for key in [*state["sums"], *state["counts"]]:
+            self.add_key(key)
         for key, total in state["sums"].items():
             self._sums[key] = (
                 total.to(self.device or total.device) if isinstance(total, torch.Tensor) else total
@@ -78,15 +86,21 @@ def is_stateful(metric: Any) -> bool:
 
 
 class EpochMetrics:
-    """One epoch's loss and metrics. A metric function is called per batch and averaged over samples; a
-    stateful metric (update/compute/reset, e.g. torchmetrics' F1Score) sees every batch and computes once,
-    so F1, AUROC or a confusion matrix are exact over the whole epoch. Both survive a mid-epoch resume."""
+    """One epoch's losses and metrics. The loss is one tensor, or a dict of named terms (a multi-term loss's
+    total under "loss", or a GAN's `loss_d` and `loss_g`), each averaged like a metric; `loss_names` are the
+    ones known up front (others are added when first seen). A metric function is called per batch and
+    averaged over samples; a stateful metric (update/compute/reset, e.g. torchmetrics' F1Score) sees every
+    batch and computes once, so F1, AUROC or a confusion matrix are exact over the whole epoch. All survive a
+    mid-epoch resume."""
 
-    def __init__(self, metrics: dict[str, Callable], device: torch.device):
-        self.names = ["loss", *metrics]
+    def __init__(
+        self, metrics: dict[str, Callable], device: torch.device, loss_names: tuple[str, ...] = ("loss",)
+    ):
+        self.loss_names = list(loss_names)
         self.stateful = {name: metric for name, metric in metrics.items() if is_stateful(metric)}
         self.per_batch = {name: metric for name, metric in metrics.items() if name not in self.stateful}
-        self.tracker = MetricTracker("loss", *self.per_batch, device=device)
+        self.tracker = MetricTracker(*self.loss_names, *self.per_batch, device=device)
+        self.metric_names = list(metrics)
         for metric in self.stateful.values():
             # torchmetrics keeps its state out of state_dict() unless told otherwise
             if callable(getattr(metric, "persistent", None)):
@@ -99,19 +113,28 @@ class EpochMetrics:
         for metric in self.stateful.values():
             metric.reset()
 
-    def update(self, loss: torch.Tensor, output: Any, target: torch.Tensor) -> None:
+    @property
+    def names(self) -> list[str]:
+        return [*self.loss_names, *self.metric_names]
+
+    def update(self, loss: torch.Tensor | dict[str, torch.Tensor], output: Any, target: Any) -> None:
         """Add one batch, weighted by its size, without reading anything back."""
         n = len(target)
-        self.tracker.update("loss", loss, n)
+        for name, value in (loss if isinstance(loss, dict) else {"loss": loss}).items():
+            if name not in self.loss_names:
+                self.loss_names.append(name)
+                self.tracker.add_key(name)
+            self.tracker.update(name, value, n)
         for name, metric in self.per_batch.items():
             self.tracker.update(name, metric(output, target), n)
         for metric in self.stateful.values():
             metric.update(output, target)
 
     def loss_is_finite(self) -> bool:
-        """One host sync (an all-reduce under DDP, so that every rank decides alike): the loss sum turns nan
+        """One host sync (an all-reduce under DDP, so that every rank decides alike): a loss's sum turns nan
         or inf with any non-finite batch loss."""
-        return bool(torch.isfinite(self.tracker.totals()[0]))
+        indices = [self.tracker.keys.index(name) for name in self.loss_names]
+        return bool(torch.isfinite(self.tracker.totals()[indices]).all())
 
     def result(self) -> dict[str, float]:
         values = self.tracker.result()
@@ -130,6 +153,7 @@ class EpochMetrics:
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.tracker.load_state_dict(state)
+        self.loss_names += [key for key in state["counts"] if key not in self.names]
         for name, metric in self.stateful.items():
             if name in state.get("stateful", {}) and callable(getattr(metric, "load_state_dict", None)):
                 metric.load_state_dict(state["stateful"][name])

@@ -97,8 +97,8 @@ def load_matching_weights(
 
 
 def check_optimizer_fits(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, path: Any) -> None:
-    """A saved optimizer state for these parameters: same groups, same counts, state tensors of their shapes,
-    and no parameter left without state when others have it."""
+    """A saved optimizer state for these parameters: same groups, same counts, finite state tensors of their
+    shapes. A parameter without state is normal (Adam keeps none for one that never got a gradient)."""
     groups = saved["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(
@@ -117,9 +117,6 @@ def check_optimizer_fits(saved: Mapping[str, Any], optimizer: torch.optim.Optimi
         for key, parameter in zip(group["params"], own["params"])
     }
     states = saved["state"]
-    missing = [key for key in shapes if states and key not in states]
-    if missing:
-        raise CheckpointError(f"{path}: its optimizer state lacks parameter {missing[0]}")
     for key, entry in states.items():
         for name, value in entry.items():
             if (
