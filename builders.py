@@ -5,6 +5,7 @@ one (model/nets.py, data_loader/audio.py). Each section kind's rules live in par
 callables.py, schedulers.py); the functions here only put them together.
 """
 
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -17,11 +18,13 @@ import model.loss as module_loss
 import model.metric as module_metric
 import model.model as module_arch
 import trainer.trainer as module_trainer
+from base.base_data_loader import unseeded
 from base.base_model import init_weights
 from base.schedule import Schedule
 from base.train_step import compiled, unwrap
 from parse_config import Config, callables
 from parse_config.loaders import build_loader, build_test_loader, build_validation_loader, test_split
+from parse_config.references import References, needs_data
 from parse_config.resolution import close_match
 from parse_config.schedulers import build_schedule
 from parse_config.shapes import Entry, entries, eval_model_name, optimized_models
@@ -45,18 +48,22 @@ def lookups() -> dict[str, Any]:
     }
 
 
-def build_model(config: Config, name: str | None = None) -> nn.Module:
+def build_model(config: Config, name: str | None = None, refs: References | None = None) -> nn.Module:
     """One model (by default the one test.py evaluates), with its `init` scheme applied."""
     entry = next(e for e in entries(config.data, "model") if e.name == (name or eval_model_name(config.data)))
-    model = config.build(entry.path, lookup=lookups()["arch"])
+    model = config.build(entry.path, lookup=lookups()["arch"], refs=refs)
     if entry.node.get("init"):
         init_weights(model, entry.node["init"])
     return model
 
 
-def build_models(config: Config) -> dict[str, nn.Module]:
-    """Every model by name (`model` for a single `arch`)."""
-    return {entry.name: build_model(config, entry.name) for entry in entries(config.data, "model")}
+def build_models(config: Config, refs: References | None = None) -> dict[str, nn.Module]:
+    """Every model by name (`model` for a single `arch`); references then know them as `model` and
+    `models.<name>`."""
+    models = {entry.name: build_model(config, entry.name, refs) for entry in entries(config.data, "model")}
+    if refs is not None:
+        refs.add(model=models[eval_model_name(config.data)], models=SimpleNamespace(**models))
+    return models
 
 
 def init_from(models: dict[str, nn.Module], config: Config) -> dict[str, dict[str, int]]:
@@ -91,11 +98,11 @@ def place_model(model: nn.Module, device: torch.device, options: dict[str, Any])
     return compiled(model, options["compile"]) if options["compile"] else model
 
 
-def build_losses(config: Config) -> dict[str, Callable]:
+def build_losses(config: Config, refs: References | None = None) -> dict[str, Callable]:
     """Every loss by name (`loss` for a single `loss`)."""
     found = lookups()["loss"]
     return {
-        entry.name: callables.build_callable(config, entry.path, entry.node, found)
+        entry.name: callables.build_callable(config, entry.path, entry.node, found, refs)
         for entry in entries(config.data, "loss")
     }
 
@@ -105,22 +112,32 @@ def loss_and_metrics(config: Config) -> tuple[Callable, dict[str, Callable]]:
     return next(iter(build_losses(config).values())), build_metrics(config)
 
 
-def build_metrics(config: Config) -> dict[str, Callable]:
+def build_metrics(config: Config, refs: References | None = None) -> dict[str, Callable]:
     """The metrics by their logged names."""
-    return callables.build_metrics(config, lookups()["metrics"])
+    return callables.build_metrics(config, lookups()["metrics"], refs)
 
 
-def build_data(config: Config) -> tuple[DataLoader, DataLoader | None]:
-    """The training loader and the validation loader (None without validation data)."""
+def build_data(config: Config, refs: References | None = None) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader and the validation loader (None without validation data), then known to
+    references as `data_loader`, `dataset` (the loader's own, inside torchkiln's seeding) and
+    `valid_data_loader`."""
     found = lookups()
-    train = build_loader(config, "data_loader", found["data_loader"], found["transforms"])
-    return train, build_validation_loader(config, train, found["data_loader"], found["transforms"])
+    train = build_loader(config, "data_loader", found["data_loader"], found["transforms"], refs)
+    if refs is not None:
+        refs.add(data_loader=train, dataset=unseeded(train.dataset))
+    valid = build_validation_loader(config, train, found["data_loader"], found["transforms"], refs)
+    if refs is not None:
+        refs.add(valid_data_loader=valid)
+    return train, valid
 
 
-def test_data(config: Config) -> tuple[DataLoader, str]:
-    """test.py's loader, and which section it comes from."""
+def test_data(config: Config, refs: References | None = None) -> tuple[DataLoader, str]:
+    """test.py's loader, and which section it comes from. The training data is built first only when a
+    reference needs it (a loss weighted by the training labels, a model sized by its classes)."""
     found = lookups()
-    return build_test_loader(config, found["data_loader"], found["transforms"])
+    if refs is not None and needs_data(config.data):
+        build_data(config, refs)
+    return build_test_loader(config, found["data_loader"], found["transforms"], refs)
 
 
 def has_test_data(config: Config) -> bool:
@@ -128,13 +145,20 @@ def has_test_data(config: Config) -> bool:
     return test_split(config, lookups()["data_loader"]) is not None
 
 
-def build_optimizers(config: Config, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+def build_optimizers(
+    config: Config, models: dict[str, nn.Module], refs: References | None = None
+) -> dict[str, torch.optim.Optimizer]:
     """Every optimizer by name (`optimizer` for a single one), over the trainable parameters of the models
     (or submodules, or parameter groups) it names."""
-    return {
-        entry.name: config.build(entry.path, _parameter_groups(config, entry, models), lookup=torch.optim)
+    optimizers = {
+        entry.name: config.build(
+            entry.path, _parameter_groups(config, entry, models), lookup=torch.optim, refs=refs
+        )
         for entry in entries(config.data, "optimizer")
     }
+    if refs is not None:
+        refs.add(optimizer=next(iter(optimizers.values())), optimizers=SimpleNamespace(**optimizers))
+    return optimizers
 
 
 def _parameter_groups(config: Config, entry: Entry, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
@@ -154,14 +178,17 @@ def _parameter_groups(config: Config, entry: Entry, models: dict[str, nn.Module]
 
 
 def build_lr_schedules(
-    config: Config, optimizers: dict[str, torch.optim.Optimizer], loader: DataLoader
+    config: Config,
+    optimizers: dict[str, torch.optim.Optimizer],
+    loader: DataLoader,
+    refs: References | None = None,
 ) -> dict[str, Schedule]:
     """Each scheduler and when it steps, by the name of the optimizer it steps."""
     steps = -(-batches_per_epoch(config, loader) // config.trainer["accumulate_grad_batches"])
     found = lookups()
     return {
         entry.name: build_schedule(
-            config, entry, optimizers[entry.name], steps, found["lr_scheduler"], found["data_loader"]
+            config, entry, optimizers[entry.name], steps, found["lr_scheduler"], found["data_loader"], refs
         )
         for entry in entries(config.data, "scheduler")
     }

@@ -34,6 +34,7 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     from base.checkpointer import describe_checkpoint, model_weights
     from base.train_step import autocast_for
     from logger.report import describe_data, run_header, shown_path
+    from parse_config.references import References
     from parse_config.shapes import eval_model_name
     from utils.device import check_precision, prepare_device
     from utils.metrics import EpochMetrics
@@ -43,12 +44,14 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     seed_everything(config["seed"])
     distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
     device, _ = prepare_device(min(config["n_gpu"], 1))
-    eval_name, models = eval_model_name(config.data), builders.build_models(config)
+    refs = References(config.source)
+    refs.add(device=device)
+    loader, section = builders.test_data(config, refs)  # the training data too, when a reference reads it
+    eval_name, models = eval_model_name(config.data), builders.build_models(config, refs)
     for name, model in models.items():
         load_model_state(model, model_weights(request.checkpoint, name, eval_name), request.checkpoint_path)
         models[name] = model.to(device)
-    loader, section = builders.test_data(config)
-    criteria, metrics = builders.build_losses(config), builders.build_metrics(config)
+    criteria, metrics = builders.build_losses(config, refs), builders.build_metrics(config, refs)
     criteria = {name: c.to(device) if isinstance(c, torch.nn.Module) else c for name, c in criteria.items()}
     precision = config.trainer.get("precision", "32")
     check_precision(precision, device)

@@ -28,13 +28,14 @@ def lookups() -> dict[str, Any]:
     return builders.lookups()
 
 
-def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict[str, int]]]:
+def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict[str, int]], dict[str, Any]]:
     """The configured Trainer with every object the run needs, restored from the checkpoint when resuming;
-    the counts of each model's init_from weights."""
+    the counts of each model's init_from weights, and what each `${...}` argument resolved to."""
     import torch
 
     import builders
     from parse_config.options import parse_monitor
+    from parse_config.references import References
     from parse_config.shapes import eval_model_name
     from utils.device import check_precision, prepare_device
     from utils.seeding import seed_everything, set_determinism
@@ -42,39 +43,44 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     seed_everything(config["seed"])
     set_determinism(config.trainer["deterministic"])
     device, _ = prepare_device(config["n_gpu"])
-    train_loader, valid_loader = builders.build_data(config)
-    models = builders.build_models(config)
+    refs = References(config.source)
+    refs.add(device=device)
+    train_loader, valid_loader = builders.build_data(config, refs)
+    models = builders.build_models(config, refs)
     init_counts = builders.init_from(models, config) if request.checkpoint is None else {}
     check_precision(config.trainer["precision"], device)
     models = {name: builders.place_model(model, device, config.trainer) for name, model in models.items()}
-    losses = builders.build_losses(config)
     losses = {
-        name: loss.to(device) if isinstance(loss, torch.nn.Module) else loss for name, loss in losses.items()
+        name: loss.to(device) if isinstance(loss, torch.nn.Module) else loss
+        for name, loss in builders.build_losses(config, refs).items()
     }
-    optimizers = builders.build_optimizers(config, models)
+    optimizers = builders.build_optimizers(config, models, refs)
     trainer_class = config.resolve("trainer.type", config.trainer["type"], builders.lookups()["trainer"])
     trainer = trainer_class(
         models,
         losses,
-        builders.build_metrics(config),
+        builders.build_metrics(config, refs),
         optimizers,
         train_loader,
         device=device,
         options=config.trainer,
         monitor=parse_monitor(config.trainer["monitor"]),
         valid_data_loader=valid_loader,
-        schedules=builders.build_lr_schedules(config, optimizers, train_loader),
+        schedules=builders.build_lr_schedules(config, optimizers, train_loader, refs),
         seed=config["seed"],
         config=config.data,
         eval_model=eval_model_name(config.data),
     )
     if request.checkpoint is not None:
         trainer.restore(request.checkpoint, request.checkpoint_path, config.user_data, request.allow_inexact)
-    return trainer, init_counts
+    return trainer, init_counts, refs.resolved
 
 
-def start_run(config: Config, request: Request, trainer: Any, early: logging.Handler) -> Any:
-    """Claim the run directory, write config.yaml with what `auto` became, and start logging into it."""
+def start_run(
+    config: Config, request: Request, trainer: Any, references: dict, early: logging.Handler
+) -> Any:
+    """Claim the run directory, write config.yaml with what `auto` and the `${...}` arguments became, and
+    start logging into it."""
     from utils.run_directory import claim_run_directory
 
     run = claim_run_directory(
@@ -88,18 +94,12 @@ def start_run(config: Config, request: Request, trainer: Any, early: logging.Han
     if distributed.is_main():
         run.logs.mkdir(parents=True, exist_ok=True)
         loaders = {"data_loader": trainer.data_loader, "valid_data_loader": trainer.valid_data_loader}
-        resolved = {
-            "device": str(trainer.device),
-            **{
-                key: {
-                    "num_workers": loader.num_workers,
-                    "pin_memory": loader.pin_memory,
-                    "persistent_workers": loader.persistent_workers,
-                }
-                for key, loader in loaders.items()
-                if loader is not None
-            },
-        }
+        resolved = {"device": str(trainer.device)}
+        for key, loader in loaders.items():
+            if loader is not None:
+                resolved[key] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory}
+                resolved[key]["persistent_workers"] = loader.persistent_workers
+        resolved.update({"references": references} if references else {})
         text = yaml.safe_dump({**config.data, "resolved": resolved}, sort_keys=False)
         (run.checkpoints / "config.yaml").write_text(text)
     setup_logging(run.logs, config.trainer["verbosity"], early, main=distributed.is_main())
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                 min(config["n_gpu"], torch.cuda.device_count()), sys.argv[1:] if argv is None else argv
             )
         distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
-        trainer, init_counts = build_trainer(config, request)  # checks the checkpoint fits, writing nothing
+        trainer, init_counts, references = build_trainer(config, request)  # reads files only, writes nothing
         done = request.checkpoint is not None and trainer.nothing_to_train(request.checkpoint_path)
         if done:
             if distributed.is_main():
                 print(done)
             return 0
-        run = start_run(config, request, trainer, early)
+        run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)
         trainer.fit(run)
         log_summary(config, trainer, run)

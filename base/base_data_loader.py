@@ -57,6 +57,11 @@ class SeededSamples(Dataset):
         return samples
 
 
+def unseeded(dataset: Dataset) -> Dataset:
+    """The user's dataset inside torchkiln's per-sample seeding wrapper (or the dataset itself)."""
+    return dataset.dataset if isinstance(dataset, SeededSamples) else dataset
+
+
 class EpochSampler(Sampler[int]):
     """Indices in an order fixed by (seed, epoch) alone. Under DDP the order is cut into global batches of
     batch_size x world_size and each rank takes its slice of each, so that N processes see, step by step,

@@ -48,11 +48,10 @@ class BaseTrainer:
     - at the end of a window, for each optimizer: `self.step.clip`, `self.step.optimizer_step`, `zero_grad`;
       then once `self.after_optimizer_step(epoch, batch_idx, data, loss)`;
     - return `self.train_metrics.result()`.
-    Models, optimizers, losses and schedules are dicts by name (`self.models["generator"]`); with one of each
-    `self.model`, `self.optimizer` and `self.criterion` name them directly. A subclass that logs other names
-    than `loss` declares them in `logged` (checked against the monitor before anything runs). `options` is
-    the trainer section's values; `config` is kept only as the record written into checkpoints and
-    TensorBoard. Nothing is written before `fit(run)` gives the run's directories.
+    Models, optimizers, losses and schedules are dicts by name (`self.models["generator"]`); with one of each,
+    `self.model`, `self.optimizer`, `self.criterion`. A subclass logging other names than `loss` declares them
+    in `logged`. `options` are the trainer section's values; `config` is only the record written into
+    checkpoints and TensorBoard. Nothing is written before `fit(run)` gives the run's directories.
     """
 
     logged: tuple[str, ...] | None = None
@@ -84,18 +83,7 @@ class BaseTrainer:
         self.options, self.config, self.seed = options, config or {}, seed
         self.epochs, self.log_step = options["epochs"], options["log_step"]
         self.len_epoch = options["len_epoch"] or len(data_loader)
-        self.step = TrainStep(
-            models,
-            device,
-            options["precision"],
-            options["accumulate_grad_batches"],
-            self.len_epoch,
-            options["clip_grad_norm"],
-            options["clip_grad_value"],
-            (options["ema"] or {}).get("decay"),
-            options["on_nonfinite"],
-            self.eval_name,
-        )
+        self.step = TrainStep.from_options(models, device, options, self.len_epoch, self.eval_name)
         self.batches = BatchStream(data_loader)
         self.monitor = Monitor(monitor, options["early_stop"])
         loss_names = self.logged or ("loss", *getattr(self.criterion, "terms", ()))

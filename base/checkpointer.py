@@ -18,7 +18,16 @@ from torch import nn
 
 from logger import FILE_ONLY
 from utils import distributed
-from utils.checkpoint import CONFIG, FORMAT_VERSION, WEIGHTS, is_legacy, link_or_save, save_checkpoint
+from utils.checkpoint import (
+    CONFIG,
+    FORMAT_VERSION,
+    WEIGHTS,
+    check_fields,
+    exact_parts_intact,
+    is_legacy,
+    link_or_save,
+    save_checkpoint,
+)
 from utils.errors import CheckpointError, ConfigError
 from utils.seeding import derived_seed, rng_state, seed_everything, set_rng_state
 from utils.weights import check_optimizer_fits, load_model_state
@@ -29,7 +38,6 @@ logger = logging.getLogger(__name__)
 LAST = "checkpoint-last.pth"
 BEST = "model_best.pth"
 EMA_WEIGHTS = "ema_state_dict"
-EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
 SINGLE = "optimizer"  # the name of the one optimizer (and its scheduler) of the single form
 
 
@@ -226,7 +234,8 @@ class Checkpointer:
                 f"resume; start a run from its weights with arch.init_from.path={source}"
             )
         optimizers = [key for key, part in self.parts.items() if isinstance(part, torch.optim.Optimizer)]
-        check_fields(checkpoint, source, allow_inexact, tuple(optimizers))
+        counters = tuple(field.name for field in fields(Progress))
+        check_fields(checkpoint, source, allow_inexact, tuple(optimizers), counters)
         previous = checkpoint.get(CONFIG) or {}
         tuned = {key: _tuned(key) for key in self.parts if _tuned(key)}
         fresh = {
@@ -311,7 +320,7 @@ class Checkpointer:
 def _exact_or_restarted(checkpoint: dict, source: Path, allow_inexact: bool) -> dict:
     """The checkpoint, or under --allow-inexact-resume one that restarts its epoch with fresh RNGs when its
     RNG or data-order state is missing."""
-    if not allow_inexact or all(_part_ok(key, checkpoint.get(key)) for key in EXACT_RESUME_PARTS):
+    if not allow_inexact or exact_parts_intact(checkpoint):
         return checkpoint
     logger.warning(
         "%s: its RNG or data-order state is missing: continuing inexactly (--allow-inexact-resume), "
@@ -325,54 +334,3 @@ def _exact_or_restarted(checkpoint: dict, source: Path, allow_inexact: bool) -> 
         "batches_in_epoch": 0,
         "data_order": {"pass": checkpoint["epoch"], "batches_done": 0},
     }
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
-
-
-def check_fields(
-    state: Mapping[str, Any],
-    path: Any,
-    allow_inexact: bool = False,
-    optimizers: tuple[str, ...] = ("optimizer",),
-) -> None:
-    """Every field a resume reads, of the right type and range; damage names the field and the fix."""
-    problems = [
-        f"'{key}' must be a non-negative integer, not {state.get(key)!r}"
-        for key in (field.name for field in fields(Progress))
-        if not _count(state.get(key))
-    ]
-    if not _count(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
-        problems.append(f"'world_size' must be a positive integer, not {state.get('world_size')!r}")
-    for key in optimizers:
-        if not isinstance(state.get(key), Mapping) or not {"state", "param_groups"} <= set(state[key]):
-            problems.append(f"'{key}' must be an optimizer state_dict")
-    metrics = state.get("metrics")
-    if not (
-        isinstance(metrics, Mapping)
-        and isinstance(metrics.get("sums"), Mapping)
-        and isinstance(metrics.get("counts"), Mapping)
-        and all(map(_count, metrics["counts"].values()))
-        and all(isinstance(v, (torch.Tensor, float, int)) for v in metrics["sums"].values())
-    ):
-        problems.append("'metrics' must hold the partial epoch's sums and counts")
-    for key in EXACT_RESUME_PARTS:
-        if not _part_ok(key, state.get(key)) and not allow_inexact:
-            problems.append(
-                f"'{key}' is missing or damaged: the run cannot continue exactly (pass "
-                "--allow-inexact-resume to continue anyway)"
-            )
-    if problems:
-        raise CheckpointError(f"{path}: cannot resume from it: {problems[0]}")
-
-
-def _part_ok(key: str, value: Any) -> bool:
-    if key == "data_order":
-        return isinstance(value, Mapping) and _count(value.get("pass")) and _count(value.get("batches_done"))
-    return (
-        isinstance(value, Mapping)
-        and isinstance(value.get("torch"), torch.Tensor)
-        and isinstance(value.get("python"), list)
-        and isinstance(value.get("numpy"), list)
-    )

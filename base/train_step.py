@@ -52,6 +52,34 @@ class TrainStep:
         self.stepped = False  # whether the last iteration stepped (false: its window was skipped)
         self._window_skipped = False
 
+    @classmethod
+    def from_options(
+        cls,
+        models: dict[str, nn.Module],
+        device: torch.device,
+        options: dict,
+        epoch_batches: int,
+        eval_name: str,
+    ) -> "TrainStep":
+        """The step the trainer options describe (precision, accumulate_grad_batches, clip_grad_norm,
+        clip_grad_value, ema, on_nonfinite)."""
+        precision, accumulate = options["precision"], options["accumulate_grad_batches"]
+        clip, ema_decay = (
+            (options["clip_grad_norm"], options["clip_grad_value"]),
+            (options["ema"] or {}).get("decay"),
+        )
+        return cls(
+            models,
+            device,
+            precision,
+            accumulate,
+            epoch_batches,
+            *clip,
+            ema_decay,
+            options["on_nonfinite"],
+            eval_name,
+        )
+
     @contextlib.contextmanager
     def accumulating(self, batch_idx: int) -> Iterator[None]:
         """Around forward and backward of one batch: DDP models skip their gradient all-reduce until the

@@ -62,19 +62,20 @@ def check_callable(
     return [(f"{path}.args.{key}", problem) for key, problem in problems]
 
 
-def build_callable(config: Config, path: str, spec: str | dict, lookup: Lookup) -> Callable:
-    """A loss or metric as something to call with (output, target)."""
+def build_callable(config: Config, path: str, spec: str | dict, lookup: Lookup, refs: Any = None) -> Callable:
+    """A loss or metric as something to call with (output, target); `refs` resolves `${...}` arguments."""
     name, args = callable_spec(spec)
     obj = config.resolve(f"{path}.type" if isinstance(spec, dict) else path, name, lookup)
+    args = refs.substitute(args, f"{path}.args") if refs is not None else args
     if _built_once(obj):
         return config.construct(path, name, args, lookup)
     return (lambda output, target: obj(output, target, **args)) if args else obj
 
 
-def build_metrics(config: Config, lookup: Lookup) -> dict[str, Callable]:
+def build_metrics(config: Config, lookup: Lookup, refs: Any = None) -> dict[str, Callable]:
     """The metrics by their logged names."""
     return {
-        metric_name(spec): build_callable(config, f"metrics[{index}]", spec, lookup)
+        metric_name(spec): build_callable(config, f"metrics[{index}]", spec, lookup, refs)
         for index, spec in enumerate(config["metrics"])
     }
 

@@ -59,11 +59,20 @@ class Config:
         )
 
     def construct(
-        self, path: str, type_name: str, args: dict, lookup: Lookup, *runtime_args: Any, **runtime_kwargs: Any
+        self,
+        path: str,
+        type_name: str,
+        args: dict,
+        lookup: Lookup,
+        *runtime_args: Any,
+        refs: Any = None,
+        **runtime_kwargs: Any,
     ) -> Any:
-        """Call the class or function that `type_name` names with the config's args. An exception raised in
-        the user's own code propagates (their file and line, exit 1); one raised by a library on the
-        config's values is a ConfigError naming the key path."""
+        """Call the class or function that `type_name` names with the config's args, `${...}` references
+        among them resolved by `refs` (parse_config/references.py). An exception raised in the user's own code
+        propagates (their file and line, exit 1); one raised by a library on the config's values is a
+        ConfigError naming the key path."""
+        args = refs.substitute(args, f"{path}.args") if refs is not None else args
         clash = sorted(set(args) & set(runtime_kwargs))
         if clash:
             raise ConfigError(
@@ -93,13 +102,14 @@ class Config:
             value = value[key]
         return value
 
-    def build(self, path: str, *runtime_args: Any, lookup: Lookup = None, **runtime_kwargs: Any) -> Any:
+    def build(
+        self, path: str, *runtime_args: Any, lookup: Lookup = None, refs: Any = None, **runtime_kwargs: Any
+    ) -> Any:
         """Instantiate the section at `path` (`optimizer`, `models.generator`) from its `type` and `args`,
         plus what only the code can provide."""
         node = self.node(path)
-        return self.construct(
-            path, node["type"], dict(node.get("args") or {}), lookup, *runtime_args, **runtime_kwargs
-        )
+        args = dict(node.get("args") or {})
+        return self.construct(path, node["type"], args, lookup, *runtime_args, refs=refs, **runtime_kwargs)
 
     def init_obj(self, key: str, module: ModuleType, *args: Any, **kwargs: Any) -> Any:
         """pytorch-template's name for build()."""

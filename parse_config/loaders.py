@@ -98,12 +98,15 @@ def compose_transforms(items: list[dict], construct: Callable[[int, dict], Any] 
     )
 
 
-def build_loader(config: Config, key: str, lookup: Lookup, transforms: Lookup, **forced: Any) -> DataLoader:
+def build_loader(
+    config: Config, key: str, lookup: Lookup, transforms: Lookup, refs: Any = None, **forced: Any
+) -> DataLoader:
     """A DataLoader from data section `key`; `forced` args (shuffle: false, ...) apply where the type takes
-    them."""
+    them; `refs` resolves `${...}` arguments."""
     node = config[key]
     obj = config.resolve(f"{key}.type", node["type"], lookup)
     args = {**(node.get("args") or {}), **{k: v for k, v in forced.items() if accepts(obj, k)}}
+    args = refs.substitute(args, f"{key}.args") if refs is not None else args
     for name in COMPOSED_ARGS:
         if isinstance(args.get(name), list):
             path = f"{key}.args.{name}"
@@ -149,11 +152,11 @@ def has_validation(data: dict, lookup: Lookup) -> bool:
 
 
 def build_validation_loader(
-    config: Config, train_loader: DataLoader, lookup: Lookup, transforms: Lookup
+    config: Config, train_loader: DataLoader, lookup: Lookup, transforms: Lookup, refs: Any = None
 ) -> DataLoader | None:
     """The valid_data_loader section, else the training loader's split_validation(), else None."""
     if config["valid_data_loader"]:
-        return build_loader(config, "valid_data_loader", lookup, transforms, **EVALUATION_ARGS)
+        return build_loader(config, "valid_data_loader", lookup, transforms, refs, **EVALUATION_ARGS)
     split = getattr(train_loader, "split_validation", None)
     return split() if callable(split) else None
 
@@ -168,7 +171,9 @@ def test_split(config: Config, lookup: Lookup) -> str | None:
     return f"data_loader with {split}=False" if split else None
 
 
-def build_test_loader(config: Config, lookup: Lookup, transforms: Lookup) -> tuple[DataLoader, str]:
+def build_test_loader(
+    config: Config, lookup: Lookup, transforms: Lookup, refs: Any = None
+) -> tuple[DataLoader, str]:
     """test.py's data, in a fixed order and whole, and where it came from (see test_split)."""
     split = test_split(config, lookup)
     if split is None:
@@ -177,8 +182,8 @@ def build_test_loader(config: Config, lookup: Lookup, transforms: Lookup) -> tup
             "or `train` argument to select test data: add a test_data_loader section"
         )
     if split == "test_data_loader":
-        return build_loader(config, "test_data_loader", lookup, transforms, **EVALUATION_ARGS), split
+        return build_loader(config, "test_data_loader", lookup, transforms, refs, **EVALUATION_ARGS), split
     argument = split.split()[-1].split("=")[0]
     return build_loader(
-        config, "data_loader", lookup, transforms, **EVALUATION_ARGS, **{argument: False}
+        config, "data_loader", lookup, transforms, refs, **EVALUATION_ARGS, **{argument: False}
     ), split

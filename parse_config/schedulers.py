@@ -62,7 +62,13 @@ def check_scheduler(data: dict, entry: Entry, lookups: dict[str, Lookup]) -> lis
 
 
 def build_schedule(
-    config: Config, entry: Entry, optimizer: Any, steps_per_epoch: int, lookup: Lookup, loaders: Lookup
+    config: Config,
+    entry: Entry,
+    optimizer: Any,
+    steps_per_epoch: int,
+    lookup: Lookup,
+    loaders: Lookup,
+    refs: Any = None,
 ) -> Schedule:
     """The LR scheduler of one scheduler section and when it steps; a fixed-length schedule is checked
     against the run's length before anything is written."""
@@ -79,21 +85,23 @@ def build_schedule(
         _fit_one_cycle(
             config,
             entry,
+            refs,
             trainer["epochs"] * (steps_per_epoch if per_batch else 1),
             f"{trainer['epochs']} epochs" + (f" x {steps_per_epoch} optimizer steps" if per_batch else ""),
         )
     metric = scheduler_monitor(config.data, node, loaders)[1] if name == PLATEAU else None
-    return Schedule(config.build(entry.path, optimizer, lookup=lookup), per_batch, metric)
+    return Schedule(config.build(entry.path, optimizer, lookup=lookup, refs=refs), per_batch, metric)
 
 
-def _fit_one_cycle(config: Config, entry: Entry, run_steps: int, length: str) -> None:
+def _fit_one_cycle(config: Config, entry: Entry, refs: Any, run_steps: int, length: str) -> None:
     """`total_steps: auto` (or no length) becomes the run's length; a length that differs is an error."""
     args = entry.node.setdefault("args", {})
     if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
         args.update(total_steps=run_steps)
         args.pop("epochs", None), args.pop("steps_per_epoch", None)
         return
-    given = args.get("total_steps") or args.get("epochs", 0) * (args.get("steps_per_epoch") or 1)
+    values = refs.substitute(args, f"{entry.path}.args") if refs is not None else args
+    given = values.get("total_steps") or values.get("epochs", 0) * (values.get("steps_per_epoch") or 1)
     if given != run_steps:
         key = "total_steps" if "total_steps" in args else "epochs"
         raise ConfigError(

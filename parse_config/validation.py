@@ -27,6 +27,7 @@ from .options import (
     parse_monitor,
     string_list,
 )
+from .references import check_references
 from .resolution import Lookup, check_arguments, close_match, closest, resolve_type
 from .schedulers import check_scheduler
 from .shapes import OPTIMIZER_KEYS, SHAPE_KEYS, check_shape, entries
@@ -69,7 +70,7 @@ def validate(
         )
     if isinstance(data.get("metrics"), list):
         errors += _check_metrics(data["metrics"], lookups, trusted, allowed)
-    errors += _check_downloads(data, trusted)
+    errors += _check_downloads(data, trusted) + check_references(data)
     if not errors:
         errors += _check_monitor(data, lookups)
         for entry in entries(data, "scheduler"):

@@ -338,3 +338,219 @@ def test_gan_under_torchrun_resumes_from_an_epoch_exactly(tmp_path):
     for part in ("state_dict", "models.discriminator"):
         assert all(torch.equal(a[part][key], b[part][key]) for key in a[part]), part
     assert a["world_size"] == 2 and a["global_step"] == b["global_step"] == 8
+
+
+WEIGHTED = """import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Unbalanced(Dataset):
+    \"\"\"Blobs of three classes in 784 dimensions, class 0 four times as common as the others.\"\"\"
+
+    classes = ["common", "rare", "rarer"]
+
+    def __init__(self, size=192, training=True):
+        generator = torch.Generator().manual_seed(size + training)
+        self.targets = torch.tensor([0, 0, 0, 0, 1, 2] * (size // 6))
+        self.data = torch.randn(len(self.targets), 784, generator=generator) + self.targets[:, None] * 0.3
+
+    def class_weights(self):
+        counts = torch.bincount(self.targets, minlength=len(self.classes)).float()
+        return counts.sum() / (len(counts) * counts)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.data[index], self.targets[index]
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, device):
+        super().__init__()
+        self.built_on = str(device)
+        self.body = nn.Linear(784, num_classes)
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def _weighted_config(tmp_path, **trainer):
+    (tmp_path / "weighted.py").write_text(WEIGHTED)
+    config = tiny_config(tmp_path, **trainer)
+    config["data_loader"] = {"type": f"{tmp_path}/weighted.py:Unbalanced",
+                             "args": {"batch_size": 32, "validation_split": 48, "num_workers": 0}}
+    config["arch"] = {"type": f"{tmp_path}/weighted.py:Net",
+                      "args": {"num_classes": "${len:dataset.classes}", "device": "${device}"}}
+    config["loss"] = {"type": "CrossEntropyLoss", "args": {"weight": "${dataset.class_weights()}"}}
+    return config
+
+
+def test_run_time_arguments_come_from_built_objects_and_are_rebuilt_on_resume(tmp_path, monkeypatch):
+    _keep_copy_at(6, monkeypatch)
+    run = _train(tmp_path, "weighted", _weighted_config(tmp_path, epochs=3, save_every_steps=6))
+    references = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["references"]
+    assert references == {"arch.args.num_classes": 3, "arch.args.device": "<device>",
+                          "loss.args.weight": "Tensor[3] torch.float32: [0.5, 2.0, 2.0]"}
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["args"]["weight"] == "${dataset.class_weights()}"
+    final = load(run / "checkpoint-epoch3.pth")
+    assert final["state_dict"]["body.weight"].shape == (3, 784)
+    assert train.main(["-r", str(run / "mid.pth"), "--run-id", "resumed", "--trust-checkpoint-config"]) == 0
+    assert_same_training_state(final, load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"))
+    assert test_script.main(["-r", str(run), "--trust-checkpoint-config"]) == 0
+
+
+@pytest.mark.parametrize("where, value, expected", [
+    ("loss", "${datset.class_weights()}", "loss.args.weight: ${datset.class_weights()}: 'datset' is not built "
+     "before this section (did you mean 'dataset'?); it may refer to device, data_loader, dataset, "
+     "valid_data_loader, model, models"),
+    ("data", "${model.body}", "data_loader.args.batch_size: ${model.body}: 'model' is not built before this "
+     "section; it may refer to device"),
+    ("loss", "${dataset.class_weight()}", "loss.args.weight: ${dataset.class_weight()}: dataset (Unbalanced) has "
+     "no attribute 'class_weight' (did you mean 'class_weights'?)"),
+    ("loss", "${dataset.}", "loss.args.weight: '${dataset.}' is not a reference: write ${root.attribute}, "
+     "${len:root.attribute} or ${root.method()}"),
+], ids=["unknown-root", "not-built-yet", "no-attribute", "malformed"])
+def test_a_bad_reference_is_one_line_before_anything_is_written(tmp_path, capsys, where, value, expected):
+    config = _weighted_config(tmp_path, epochs=1)
+    if where == "loss":
+        config["loss"]["args"]["weight"] = value
+    else:
+        config["data_loader"]["args"]["batch_size"] = value
+    path = write_config(tmp_path, config)
+    assert train.main(["-c", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {expected}\n"
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.slow
+def test_an_unused_branch_under_torchrun_resumes_from_an_epoch_exactly(tmp_path):
+    import subprocess
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    config = tiny_config(tmp_path, epochs=2, find_unused_parameters=True)
+    config["arch"] = {"type": f"{tmp_path}/branchy.py:Branchy", "args": {}}
+    path = write_config(tmp_path, config)
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"),
+                   *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert torchrun("-c", str(path), "--run-id", "ddp").returncode == 0
+    reference = run_dir(tmp_path, "ddp")
+    resumed = torchrun("-r", str(reference / "checkpoint-epoch1.pth"), "--run-id", "again", "--trust-checkpoint-config")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(load(reference / "checkpoint-epoch2.pth"),
+                               load(run_dir(tmp_path, "again") / "checkpoint-epoch2.pth"))
+
+
+def _shape(tmp_path, shape, monkeypatch):
+    """A config of one project shape, its files written into tmp_path, trust-needing or not."""
+    config = tiny_config(tmp_path, epochs=3)
+    if shape == "unused-branch":
+        (tmp_path / "branchy.py").write_text(BRANCHY)
+        config["arch"] = {"type": f"{tmp_path}/branchy.py:Branchy", "args": {}}
+        config["trainer"]["find_unused_parameters"] = True
+    elif shape == "gan-16-mixed":
+        config = _gan_config(tmp_path, epochs=3, precision="16-mixed")
+    elif shape == "class-weights":
+        config = _weighted_config(tmp_path, epochs=3)
+    elif shape == "multi-term-loss":
+        (tmp_path / "losses.py").write_text(MULTI_TERM)
+        config["loss"] = f"{tmp_path}/losses.py:nll_with_l2"
+    elif shape == "loss-object":
+        monkeypatch.setattr(model.loss, "smoothed_nll", LabelSmoothedNLL(0.1), raising=False)
+        config["loss"] = "smoothed_nll"
+    elif shape == "base-class":
+        for name, text in BASES.items():
+            (tmp_path / name).write_text(text)
+        config["arch"] = {"type": f"{tmp_path}/nets.py:Net", "args": {}}
+    return config
+
+
+SHAPES = ["unused-branch", "gan-16-mixed", "class-weights", "multi-term-loss", "loss-object", "base-class"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_trains_resumes_mid_epoch_fine_tunes_and_tests(tmp_path, monkeypatch, shape):
+    config = _shape(tmp_path, shape, monkeypatch)
+    config["trainer"]["save_every_steps"] = 13 if shape != "class-weights" else 6
+    _keep_copy_at(config["trainer"]["save_every_steps"], monkeypatch)
+    run = _train(tmp_path, "run", config)
+    trust = ["--trust-checkpoint-config"]
+    assert train.main(["-r", str(run / "mid.pth"), "--run-id", "resumed", *trust]) == 0
+    resumed = run_dir(tmp_path, "resumed", config["name"]) / "checkpoint-epoch3.pth"
+    final, again = load(run / "checkpoint-epoch3.pth"), load(resumed)
+    for part in [key for key in final if key == "state_dict" or key.startswith(("models.", "optimizer"))]:
+        flat = final[part]["state"] if part.startswith("optimizer") else final[part]
+        other = again[part]["state"] if part.startswith("optimizer") else again[part]
+        assert torch.equal(torch.cat([v.flatten().float() for v in _tensors(flat)]),
+                           torch.cat([v.flatten().float() for v in _tensors(other)])), part
+    assert final["step"] == again["step"] and final["global_step"] == again["global_step"]
+    optimizer = "optimizers" if "optimizers" in config else "optimizer"
+    section = config[optimizer]["generator"] if optimizer == "optimizers" else config[optimizer]
+    tune = {optimizer: {"generator": {**section, "args": {**section["args"], "lr": 1e-4}}} if optimizer == "optimizers"
+            else {**section, "args": {**section["args"], "lr": 1e-4}}, "trainer": {"epochs": 4}}
+    assert train.main(["-r", str(resumed), "-c", str(write_config(tmp_path, tune, "tune.yaml")), "--run-id",
+                       "tuned", *trust]) == 0
+    assert test_script.main(["-r", str(run_dir(tmp_path, "tuned", config["name"])), *trust]) == 0
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for key in sorted(value, key=str) for tensor in _tensors(value[key])]
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_under_torchrun_trains_resumes_and_tests(tmp_path, monkeypatch, shape):
+    import subprocess
+
+    if shape == "loss-object":  # a loss object the project defines: in model/loss.py of a copy of the template
+        import new_project
+
+        assert new_project.main([str(tmp_path / "project")]) == 0
+        root = tmp_path / "project"
+        with open(root / "model/loss.py", "a") as file:
+            file.write("\n\nsmoothed_nll = torch.nn.NLLLoss()  # an object the project defines\n")
+        config = tiny_config(tmp_path, epochs=2)
+        config["loss"] = "smoothed_nll"
+    else:
+        root, config = ROOT, _shape(tmp_path, shape, monkeypatch)
+        config["trainer"]["epochs"] = 2
+    config["n_gpu"] = 0
+    path = write_config(tmp_path, config)
+
+    def torchrun(script, *args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / script), *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    first = torchrun("train.py", "-c", str(path), "--run-id", "ddp")
+    assert first.returncode == 0, first.stderr
+    reference = run_dir(tmp_path, "ddp", config["name"])
+    resumed = torchrun("train.py", "-r", str(reference / "checkpoint-epoch1.pth"), "--run-id", "again",
+                       "--trust-checkpoint-config")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(reference / "checkpoint-epoch2.pth"), load(run_dir(tmp_path, "again", config["name"]) /
+                                                             "checkpoint-epoch2.pth")
+    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+    tested = torchrun("test.py", "-r", str(reference), "--trust-checkpoint-config")
+    assert tested.returncode == 0, tested.stderr
+
+
+def test_a_private_name_refused_from_a_checkpoint_is_allowed_when_named_yourself(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model.loss, "_private_nll", model.loss.nll_loss, raising=False)
+    config = tiny_config(tmp_path, epochs=1)
+    config["loss"] = "model.loss._private_nll"
+    run = _train(tmp_path, "private", config)
+    capsys.readouterr()
+    assert train.main(["-r", str(run), "trainer.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "names a private attribute: refused" in err and "name the type yourself in your own -c config" in err
+    assert train.main(["-r", str(run), "loss=model.loss._private_nll", "trainer.epochs=2"]) == 0

@@ -22,6 +22,7 @@ DIGESTS = "digests"
 CONFIG = "config"  # the run's config as plain data (pytorch-template's key)
 WEIGHTS = "state_dict"  # the model's weights (pytorch-template's key)
 LEGACY = "legacy"  # marks a pytorch-template checkpoint read through stand-ins
+EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -268,3 +269,61 @@ def verify_digests(state: Mapping[str, Any], path: Any) -> None:
             f"{path}: damaged: its {', '.join(damaged)} do not match the digest written with "
             "it; resume from an earlier checkpoint"
         )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def check_fields(
+    state: Mapping[str, Any],
+    path: Any,
+    allow_inexact: bool,
+    optimizers: tuple[str, ...],
+    counters: tuple[str, ...],
+) -> None:
+    """Every field a resume reads, of the right type and range; damage names the field and the fix.
+    `optimizers` are the keys of the optimizer parts, `counters` those of the progress record."""
+    problems = [
+        f"'{key}' must be a non-negative integer, not {state.get(key)!r}"
+        for key in counters
+        if not _count(state.get(key))
+    ]
+    if not _count(state.get("world_size", 1)) or state.get("world_size", 1) < 1:
+        problems.append(f"'world_size' must be a positive integer, not {state.get('world_size')!r}")
+    for key in optimizers:
+        if not isinstance(state.get(key), Mapping) or not {"state", "param_groups"} <= set(state[key]):
+            problems.append(f"'{key}' must be an optimizer state_dict")
+    metrics = state.get("metrics")
+    if not (
+        isinstance(metrics, Mapping)
+        and isinstance(metrics.get("sums"), Mapping)
+        and isinstance(metrics.get("counts"), Mapping)
+        and all(map(_count, metrics["counts"].values()))
+        and all(isinstance(v, (torch.Tensor, float, int)) for v in metrics["sums"].values())
+    ):
+        problems.append("'metrics' must hold the partial epoch's sums and counts")
+    for key in EXACT_RESUME_PARTS:
+        if not _part_ok(key, state.get(key)) and not allow_inexact:
+            problems.append(
+                f"'{key}' is missing or damaged: the run cannot continue exactly (pass "
+                "--allow-inexact-resume to continue anyway)"
+            )
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume from it: {problems[0]}")
+
+
+def _part_ok(key: str, value: Any) -> bool:
+    if key == "data_order":
+        return isinstance(value, Mapping) and _count(value.get("pass")) and _count(value.get("batches_done"))
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("torch"), torch.Tensor)
+        and isinstance(value.get("python"), list)
+        and isinstance(value.get("numpy"), list)
+    )
+
+
+def exact_parts_intact(state: Mapping[str, Any]) -> bool:
+    """Whether the RNG and data-order state an exact resume needs are there and well-formed."""
+    return all(_part_ok(key, state.get(key)) for key in EXACT_RESUME_PARTS)
