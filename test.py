@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from logger import buffer_early_records, flush_early_records
 from parse_config import Config, Request, parse_args
 from trainer import options as project_options
 from utils import distributed, user_code
@@ -80,6 +81,7 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Prints loss and metrics and writes them to <checkpoint>.test.json. Exit 2 on bad input, 1 when the test
     data yields nothing or the user's code raises."""
+    early = buffer_early_records()  # warnings (a damaged optimizer part, a device fallback) go to stderr
     try:
         config, request = parse_args(
             argv,
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(user_code.describe(error), file=sys.stderr)
         return 1
     finally:
+        flush_early_records(early)
         distributed.destroy_process_group()
     if distributed.env_rank() == 0:  # every rank computed the same all-reduced results
         for key, value in results.items():

@@ -149,7 +149,7 @@ def log_summary(config: Config, trainer: Any, run: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
     128+N stopped by signal N."""
-    early = buffer_early_records()
+    early, run = buffer_early_records(), None
     try:
         config, request = parse_args(
             argv, lookups, "Train a model from a YAML or JSON config.", project_options.PROJECT_OPTIONS
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         logger.warning("%s", stop)
         return stop.exit_status
+    except KeyboardInterrupt:  # before training began (importing, building): nothing to save
+        print("Stopped by Ctrl-C before training began", file=sys.stderr)
+        return 130
     except Exception as error:  # raised in the user's model, dataset, loss or metric: show their frames
         logger.error("The run crashed", exc_info=error, extra=FILE_ONLY)
         one_line = user_code.compile_failure(error) or user_code.worker_death(error)
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         flush_early_records(early)
         distributed.destroy_process_group()
+        if run is not None:
+            run.release()
     return 0
 
 

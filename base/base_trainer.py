@@ -23,7 +23,7 @@ from utils.device import batch_to_device
 from utils.errors import TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
 from utils.run_directory import RunPaths
-from utils.signals import StopRequest
+from utils.signals import StopRequest, shield_workers
 
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
@@ -110,6 +110,8 @@ class BaseTrainer:
             options["save_every_steps"],
         )
         self.stop_request = StopRequest()
+        for loader in (data_loader, valid_data_loader):
+            shield_workers(loader)
         self.run: RunPaths | None = None  # the run's directories and writer arrive with fit()
         self.writer: RunWriter | None = None
         self.resumed, self.elapsed = False, 0.0

@@ -30,10 +30,19 @@ def describe_data(name: str, loader: DataLoader | None) -> str:
     return f"{name} {shown} samples in {batches or '?'} batches of {loader.batch_size}"
 
 
-def parameter_counts(model: nn.Module) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{type(model).__name__}, {total:,} parameters ({trainable:,} trainable)"
+def parameter_counts(models: dict[str, nn.Module]) -> str:
+    """`MnistModel, 21,840 parameters (21,840 trainable)`; with several models each by name and class."""
+    counts = {
+        name: (type(model).__name__, sum(p.numel() for p in model.parameters()),
+               sum(p.numel() for p in model.parameters() if p.requires_grad))
+        for name, model in models.items()
+    }  # fmt: skip
+    if len(counts) == 1:
+        kind, total, trainable = next(iter(counts.values()))
+        return f"{kind}, {total:,} parameters ({trainable:,} trainable)"
+    shown = ", ".join(f"{name} {kind} {total:,}" for name, (kind, total, _) in counts.items())
+    frozen = sum(total - trainable for _, total, trainable in counts.values())
+    return f"{shown} parameters ({f'{frozen:,} frozen' if frozen else 'all trainable'})"
 
 
 def run_header(title: str, rows: dict[str, str]) -> str:
@@ -53,10 +62,7 @@ def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
         + (f" of {step.accumulate} batches" if step.accumulate > 1 else ""),
         "device": f"{trainer.device}, precision {options['precision']}; workers {loader.num_workers}, "
         f"pin_memory {str(loader.pin_memory).lower()}",
-        "model": "; ".join(
-            (f"{name}: " if len(trainer.models) > 1 else "") + parameter_counts(model)
-            for name, model in trainer.unwrapped_models.items()
-        ),
+        "model": parameter_counts(trainer.unwrapped_models),
         "monitor": (
             f"{monitor.mode} {monitor.metric} (* marks a new best)"
             if monitor.metric

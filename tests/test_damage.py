@@ -46,6 +46,11 @@ def test_flipped_bits_are_found_on_every_route(tmp_path, checkpoint, capsys, par
         status = train.main(["-c", str(config)])
     else:
         status = (train.main if entry == "train" else test_script.main)(["-r", str(path)])
+    if damaged == "optimizer" and entry != "train":  # evaluating and init_from read only the intact weights
+        shown = capsys.readouterr()
+        assert status == 0 and (f"{path}: damaged: its optimizer do not match the digest written with it; only its "
+                                "intact weights are used") in shown.out + shown.err
+        return
     assert status == 2
     assert capsys.readouterr().err == (f"error: {path}: damaged: its {damaged} do not match the digest written "
                                        "with it; resume from an earlier checkpoint\n")

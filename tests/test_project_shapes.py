@@ -3,6 +3,7 @@ loss, a loss object in model/loss.py, a project base class, optimizers over subm
 pytorch-template's GAN forks, and the advice of every refusal followed to the letter."""
 
 import csv
+import re
 import shutil
 import sys
 
@@ -116,7 +117,8 @@ def test_gan_writes_samples_and_test_py_evaluates_it(tmp_path, capsys):
     accumulator.Reload()
     assert [image.step for image in accumulator.Images("samples")] == [8, 16], "a grid of samples every epoch"
     out = capsys.readouterr().out
-    assert "model    generator: Generator" in out and "; discriminator: Discriminator" in out
+    assert re.search(r"model    generator Generator [\d,]+, discriminator Discriminator [\d,]+ parameters \(all "
+                     r"trainable\)\n", out)
     assert "test      python test.py --resume saved/models/Mnist_DCGAN/gan/checkpoint-last.pth" in out
     assert test_script.main(["-r", str(reference)]) == 0
     out = capsys.readouterr().out
@@ -316,28 +318,7 @@ def test_the_summary_says_how_to_test_a_project_without_test_data(tmp_path, caps
             "config has no test data: give test.yaml a test_data_loader section)") in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_gan_under_torchrun_resumes_from_an_epoch_exactly(tmp_path):
-    import subprocess
 
-    config = _gan_config(tmp_path, epochs=2)
-    path = write_config(tmp_path, config)
-
-    def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"),
-                   *args]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-
-    first = torchrun("-c", str(path), "--run-id", "ddp")
-    assert first.returncode == 0, first.stderr
-    reference = run_dir(tmp_path, "ddp", "Mnist_DCGAN")
-    resumed = torchrun("-r", str(reference / "checkpoint-epoch1.pth"), "--run-id", "again")
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = load(reference / "checkpoint-epoch2.pth"), load(run_dir(tmp_path, "again", "Mnist_DCGAN") /
-                                                             "checkpoint-epoch2.pth")
-    for part in ("state_dict", "models.discriminator"):
-        assert all(torch.equal(a[part][key], b[part][key]) for key in a[part]), part
-    assert a["world_size"] == 2 and a["global_step"] == b["global_step"] == 8
 
 
 WEIGHTED = """import torch
@@ -425,26 +406,7 @@ def test_a_bad_reference_is_one_line_before_anything_is_written(tmp_path, capsys
     assert not (tmp_path / "saved").exists()
 
 
-@pytest.mark.slow
-def test_an_unused_branch_under_torchrun_resumes_from_an_epoch_exactly(tmp_path):
-    import subprocess
 
-    (tmp_path / "branchy.py").write_text(BRANCHY)
-    config = tiny_config(tmp_path, epochs=2, find_unused_parameters=True)
-    config["arch"] = {"type": f"{tmp_path}/branchy.py:Branchy", "args": {}}
-    path = write_config(tmp_path, config)
-
-    def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"),
-                   *args]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-
-    assert torchrun("-c", str(path), "--run-id", "ddp").returncode == 0
-    reference = run_dir(tmp_path, "ddp")
-    resumed = torchrun("-r", str(reference / "checkpoint-epoch1.pth"), "--run-id", "again", "--trust-checkpoint-config")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_training_state(load(reference / "checkpoint-epoch2.pth"),
-                               load(run_dir(tmp_path, "again") / "checkpoint-epoch2.pth"))
 
 
 def _shape(tmp_path, shape, monkeypatch):
@@ -540,8 +502,9 @@ def test_every_shape_under_torchrun_trains_resumes_and_tests(tmp_path, monkeypat
     a, b = load(reference / "checkpoint-epoch2.pth"), load(run_dir(tmp_path, "again", config["name"]) /
                                                              "checkpoint-epoch2.pth")
     assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
-    tested = torchrun("test.py", "-r", str(reference), "--trust-checkpoint-config")
-    assert tested.returncode == 0, tested.stderr
+    if shape == "gan-16-mixed":  # test.py under torchrun with several models (one model: test_distributed.py)
+        tested = torchrun("test.py", "-r", str(reference), "--trust-checkpoint-config")
+        assert tested.returncode == 0, tested.stderr
 
 
 def test_a_private_name_refused_from_a_checkpoint_is_allowed_when_named_yourself(tmp_path, monkeypatch, capsys):

@@ -44,7 +44,12 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
         raise TrainingError(
             f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one is intact"
         ) from error
-    for stale in path.parent.glob(f".*{_TEMP_SUFFIX}"):  # left by a process killed mid-save
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Temp files a process killed mid-save left behind; call it holding the run directory's lock, when no
+    other process can be writing one."""
+    for stale in directory.glob(f".*{_TEMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
 
@@ -90,7 +95,7 @@ def _load_safely(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty, not a checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _bounded(torch.load(path, map_location="cpu", weights_only=True), path)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
             legacy = _load_pytorch_template_checkpoint(path)
@@ -103,6 +108,44 @@ def _load_safely(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a checkpoint (unreadable: {_first_line(error)})") from None
     except (RuntimeError, EOFError, ValueError, OSError):
         raise CheckpointError(f"{path}: not a complete checkpoint: truncated or corrupt") from None
+
+
+MAX_VALUES = 1_000_000  # once shared parts are expanded: what a real checkpoint holds, many times over
+MAX_DEPTH = 80  # a config's 64 levels, inside a checkpoint
+TENSOR_BYTES_PER_FILE_BYTE = (
+    16  # tensors may share storage (tied weights), but not declare far more than is stored
+)
+
+
+def _bounded(state: Any, path: Path) -> Any:
+    """`state` once its size is known to be what the file holds, in constant memory and before any tensor is
+    materialised or digested: a tensor declaring more bytes than its storage holds (a stride-0 view of one
+    element, made to allocate gigabytes), shared references expanding to billions of values, a mapping that
+    contains itself, or nesting past any config's depth are refused."""
+    budget = TENSOR_BYTES_PER_FILE_BYTE * path.stat().st_size + (64 << 20)
+    declared, count, stack = 0, 0, [(state, 0, ())]
+    while stack:
+        node, depth, where = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            raise CheckpointError(
+                f"{path}: refused: it expands to more than {MAX_VALUES:,} values or nests deeper than "
+                f"{MAX_DEPTH} levels (shared or self-containing parts): not a checkpoint torchkiln wrote"
+            )
+        if isinstance(node, torch.Tensor):
+            size, held = node.numel() * node.element_size(), node.untyped_storage().nbytes()
+            declared += size
+            if size > held or declared > budget:
+                raise CheckpointError(
+                    f"{path}: refused: tensor {'.'.join(map(str, where)) or '(top)'} declares {size:,} bytes "
+                    f"but the file stores {held:,} for it: a crafted file, loading it would allocate what it "
+                    "declares"
+                )
+        elif isinstance(node, Mapping):
+            stack.extend((value, depth + 1, (*where, key)) for key, value in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, depth + 1, (*where, index)) for index, value in enumerate(node))
+    return state
 
 
 class _Inert:
@@ -127,7 +170,7 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         stand_ins = [(type(name.rpartition(".")[2], (_Inert,), {}), name) for name in names]
         with torch.serialization.safe_globals(stand_ins):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _bounded(torch.load(path, map_location="cpu", weights_only=True), path)
     except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
         return None
     parser = state.get(CONFIG) if isinstance(state, dict) else None
@@ -149,8 +192,9 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a torchkiln checkpoint, verify its content digests and check that this version can read it."""
+def load_checkpoint(path: Path, for_evaluation: bool = False) -> dict:
+    """Load a torchkiln checkpoint, verify its content digests and check that this version can read it.
+    `for_evaluation`: only the weights and config must be intact (test.py); other damage is a warning."""
     path = Path(path)
     state = _load_safely(path)
     if (
@@ -167,8 +211,13 @@ def load_checkpoint(path: Path) -> dict:
             f"({FORMAT_VERSION}); update torchkiln to load it"
         )
     if not is_legacy(state):
-        verify_digests(state, path)
+        verify_digests(state, path, for_evaluation)
     return state
+
+
+def _evaluated(key: str) -> bool:
+    """Whether test.py and init_from read this part: the weights, which of them to use, the config."""
+    return key in (WEIGHTS, "ema_state_dict", "eval_weights", CONFIG, "version") or key.startswith("models.")
 
 
 def is_legacy(state: Mapping[str, Any]) -> bool:
@@ -185,36 +234,56 @@ def stored_config(state: Mapping[str, Any], path: Path) -> dict:
 
 
 def best_checkpoint(path: Path) -> tuple[Path, dict]:
-    """A checkpoint file, or a run directory's model_best.pth (what test.py evaluates) when it has an intact
-    one, else its newest intact checkpoint."""
+    """What test.py evaluates: a checkpoint file, or a run directory's model_best.pth when it has an intact
+    one, else its most advanced intact checkpoint. Only the weights and config need be intact."""
     best = path / "model_best.pth"
     if path.is_dir() and best.is_file():
         try:
-            return best, load_checkpoint(best)
+            return best, load_checkpoint(best, for_evaluation=True)
         except CheckpointError as error:
             logger.warning("%s; falling back to the newest intact checkpoint", error)
-    return newest_intact_checkpoint(path)
+    return newest_intact_checkpoint(path, for_evaluation=True)
 
 
-def newest_intact_checkpoint(path: Path) -> tuple[Path, dict]:
-    """A checkpoint file, or a run directory's newest checkpoint that is intact: a damaged newest one is
-    skipped with a warning."""
+def newest_intact_checkpoint(path: Path, for_evaluation: bool = False) -> tuple[Path, dict]:
+    """A checkpoint file, or a run directory's most advanced intact checkpoint by its own counters (never by
+    file time: a copy or a `touch` changes that): checkpoint-last.pth or the newest intact epoch file,
+    whichever has trained more. A damaged one is skipped with a warning."""
     if not path.is_dir():
-        return path, load_checkpoint(path)
-    for candidate in sorted(path.glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True):
+        return path, load_checkpoint(path, for_evaluation)
+    last = path / "checkpoint-last.pth"
+    newest_first = sorted(path.glob("checkpoint-epoch*.pth"), key=_epoch_of, reverse=True)
+    found = []
+    for candidate in ([last] if last.is_file() else []) + newest_first:
         try:
-            return candidate, load_checkpoint(candidate)
+            found.append((candidate, load_checkpoint(candidate, for_evaluation)))
         except CheckpointError as error:
             logger.warning("%s; falling back to the next newest checkpoint", error)
-    raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
+            continue
+        if candidate != last:  # the newest intact epoch file: older ones trained less
+            break
+    if not found:
+        raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
+    return max(found, key=lambda item: _progress(item[1]))
+
+
+def _epoch_of(path: Path) -> int:
+    digits = path.stem.removeprefix("checkpoint-epoch")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _progress(state: Mapping[str, Any]) -> tuple[int, int, int]:
+    """How far a checkpoint's run had trained, by its own counters."""
+    return tuple(value if isinstance(value, int) else 0 for value in (
+        state.get("global_step"), state.get("epoch"), state.get("batches_in_epoch")))  # fmt: skip
 
 
 def load_state_dict_file(path: Path) -> dict:
     """The model weights in a torchkiln checkpoint or in a plain `torch.save(model.state_dict())` file."""
     path = Path(path)
     state = _load_safely(path)
-    if isinstance(state, dict) and DIGESTS in state:  # a torchkiln checkpoint: verified like any other load
-        verify_digests(state, path)
+    if isinstance(state, dict) and ("version" in state or DIGESTS in state) and not is_legacy(state):
+        verify_digests(state, path, for_evaluation=True)  # a torchkiln checkpoint: as test.py loads one
     if isinstance(state, dict) and isinstance(state.get(WEIGHTS), dict):
         state = state[WEIGHTS]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
@@ -257,13 +326,20 @@ def _feed(hasher: "hashlib._Hash", value: Any) -> None:
         hasher.update(f"{type(value).__name__}:{value!r};".encode())
 
 
-def verify_digests(state: Mapping[str, Any], path: Any) -> None:
-    """Refuse a file whose content no longer matches what was written, naming the damaged parts."""
+def verify_digests(state: Mapping[str, Any], path: Any, for_evaluation: bool = False) -> None:
+    """Refuse a file whose content no longer matches what was written, naming the damaged parts; a file
+    without digests is refused by every route. `for_evaluation`: damage outside the weights and config (an
+    optimizer, the RNG state) is a warning, since evaluating needs only those."""
     written = state.get(DIGESTS)
     if not isinstance(written, Mapping):
         raise CheckpointError(f"{path}: has no content digests (damaged, or not written by this torchkiln)")
     now = content_digests(state)
     damaged = sorted(set(now) ^ set(written) | {key for key in now if now[key] != written.get(key)})
+    if for_evaluation and damaged and not any(_evaluated(key) for key in damaged):
+        parts = ", ".join(damaged)
+        logger.warning("%s: damaged: its %s do not match the digest written with it; only its intact weights "
+                       "are used", path, parts)  # fmt: skip
+        return
     if damaged:
         raise CheckpointError(
             f"{path}: damaged: its {', '.join(damaged)} do not match the digest written with "

@@ -1,16 +1,22 @@
 """Stop on SIGINT/SIGTERM/SIGHUP at a safe point instead of dying mid-step."""
 
+import functools
 import os
 import signal
 import threading
 from types import FrameType
+from typing import Any, Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
 
 
 class StopRequest:
-    """While active, the first SIGINT/SIGTERM is only noted, so training can finish its step and save;
-    a second one kills the process at once (atomic saves keep every checkpoint file whole)."""
+    """While active, a stop signal is only noted, so training can finish its step and save. A second Ctrl-C
+    kills the process at once (atomic saves keep every checkpoint file whole); a repeated SIGTERM or SIGHUP
+    does not, since launchers repeat them (a signal to the process group, then torchrun's forwarded one) and
+    end a process that outstays its grace with SIGKILL themselves."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -27,11 +33,29 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        if self.signal is not None:
+        if self.signal is not None and number == signal.SIGINT:
+            os.write(2, b"\nStopped at once by a second Ctrl-C; the last saved checkpoint is kept\n")
             signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
-        self.signal = number
+        if self.signal is None and number == signal.SIGINT:  # os.write: safe inside a signal handler
+            os.write(2, b"\nCtrl-C: finishing the current step, then saving (Ctrl-C again stops at once)\n")
+        self.signal = self.signal or number
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else ""
+
+
+def shield_workers(loader: Any) -> None:
+    """Make a DataLoader's worker processes ignore the stop signals. Slurm, systemd and a terminal's Ctrl-C
+    signal the whole process group: workers that died of it would fail the batch the trainer is finishing;
+    shielded, they keep serving until the trainer has saved, and end with it."""
+    if loader is not None and getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+
+
+def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
