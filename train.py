@@ -133,7 +133,7 @@ def log_start(
         )
 
 
-def log_summary(config: Config, trainer: Any, run: Any) -> None:
+def log_summary(config: Config, trainer: Any, run: Any, commands: Any) -> None:
     """Elapsed time, the best epoch and where things are, with the commands to run next."""
     import builders
     from logger.report import run_summary
@@ -141,9 +141,36 @@ def log_summary(config: Config, trainer: Any, run: Any) -> None:
     stopped_early, monitor = trainer.monitor.should_stop, trainer.monitor
     summary = run_summary(
         trainer.elapsed, trainer.progress.epoch, stopped_early, monitor, run.checkpoints, run.logs,
-        config.trainer["tensorboard"], builders.has_test_data(config),
+        config.trainer["tensorboard"], commands, builders.has_test_data(config),
     )  # fmt: skip
     logger.info("%s", summary)
+
+
+def commands_for(config: Config) -> Any:
+    """How to run this project's scripts again, as pasted: under the same launcher, with the flag a resume
+    from its checkpoint needs when its config names code a checkpoint may not (a file.py type, a package
+    outside the project), and the new-run form for a schedule fixed to the run's length."""
+    import builders
+    from logger.report import Commands
+    from parse_config.shapes import entries, eval_model_name
+    from parse_config.validation import needs_trust
+
+    launcher = "python"
+    if distributed.launched_by_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = distributed.world_size() // local
+        launcher = f"torchrun --nproc_per_node {local}" + (
+            f" --nnodes {nodes} <rendezvous options>" if nodes > 1 else ""
+        )
+    trusting = needs_trust(config.data, builders.lookups(), project_options.PROJECT_OPTIONS)
+    fixed = [
+        e.path for e in entries(config.data, "scheduler") if e.node["type"].split(".")[-1] == "OneCycleLR"
+    ]
+    evaluated = next(e.path for e in entries(config.data, "model") if e.name == eval_model_name(config.data))
+    flags = " --trust-checkpoint-config" if trusting else ""
+    return Commands(
+        f"{launcher} train.py", f"{launcher} test.py", flags, fixed[0] if fixed else None, evaluated
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,15 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         trainer, init_counts, references = build_trainer(config, request)  # reads files only, writes nothing
-        done = request.checkpoint is not None and trainer.nothing_to_train(request.checkpoint_path)
+        commands = commands_for(config)
+        done = request.checkpoint is not None and trainer.nothing_to_train(request.checkpoint_path, commands)
         if done:
             if distributed.is_main():
                 print(done)
             return 0
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)
-        trainer.fit(run)
-        log_summary(config, trainer, run)
+        trainer.fit(run, commands)
+        log_summary(config, trainer, run, commands)
     except ConfigError as error:
         if distributed.env_rank() == 0:  # every rank finds the same error: say it once
             print(f"error: {error}", file=sys.stderr)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from logger import FILE_ONLY
-from logger.report import epoch_line, flat_hparams
+from logger.report import Commands, epoch_line, flat_hparams
 from logger.writer import RunWriter
 from utils import distributed
 from utils.device import batch_to_device
@@ -114,7 +114,7 @@ class BaseTrainer:
             shield_workers(loader)
         self.run: RunPaths | None = None  # the run's directories and writer arrive with fit()
         self.writer: RunWriter | None = None
-        self.resumed, self.elapsed = False, 0.0
+        self.resumed, self.elapsed, self.commands = False, 0.0, Commands()
         self._finite_through, self._batch_idx = 0, 0
         self._show_progress = options["progress_bar"] and sys.stderr.isatty() and distributed.is_main()
         self._bar: tqdm | None = None
@@ -144,10 +144,11 @@ class BaseTrainer:
         return {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
 
     # ---- the epoch loop ----
-    def fit(self, run: RunPaths) -> None:
+    def fit(self, run: RunPaths, commands: Commands | None = None) -> None:
         """Train to `epochs`, writing into `run`; a signal stops after the current step with
         checkpoint-last.pth written."""
         self._open_run(run)
+        self.commands = commands or Commands()  # what the stop message tells to run next
         started, log = time.monotonic(), {}
         try:
             with self.stop_request, logging_redirect_tqdm():
@@ -299,24 +300,24 @@ class BaseTrainer:
             return
         path = self.checkpointer.save_last(self.verified_state())
         number = self.stop_request.signal or signal.SIGTERM
+        resume = self.commands.resume(path)
         raise TrainingInterrupted(
-            128 + number,
-            f"Stopped by {signal.Signals(number).name}; resume with: python train.py --resume {path}",
+            128 + number, f"Stopped by {signal.Signals(number).name}; resume with: {resume}"
         )
 
-    def nothing_to_train(self, resumed_from: Path) -> str | None:
+    def nothing_to_train(self, resumed_from: Path, commands: Commands | None = None) -> str | None:
         """Why fit() would train nothing after resuming `resumed_from`, with how to train longer; None if it
         would train."""
-        run, done = resumed_from.parent, self.progress.epoch
+        run, done, commands = resumed_from.parent, self.progress.epoch, commands or Commands()
         if self.monitor.should_stop:
             return (
                 f"{resumed_from}: this run stopped early at epoch {done} ({self.monitor.early_stop} epochs "
-                f"without improvement). To train on: python train.py --resume {run} trainer.early_stop=0"
+                f"without improvement). To train on: {commands.resume(run, 'trainer.early_stop=0')}"
             )
         if done >= self.epochs and self.progress.batches_in_epoch == 0:
             return (
                 f"{resumed_from}: this run is finished ({done} of {self.epochs} epochs). To train longer: "
-                f"python train.py --resume {run} trainer.epochs={done + self.epochs}"
+                f"{commands.train_longer(run, resumed_from, done + self.epochs)}"
             )
         return None
 

@@ -1,6 +1,8 @@
 """What a person reads: the header that introduces a run, one line per epoch, and the summary at its end."""
 
 import os
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,40 @@ def epoch_line(epoch: int, epochs: int, log: dict[str, float], seconds: float, i
     return f"epoch {epoch}/{epochs}  {values}  {seconds:.1f}s{'  *' if improved else ''}"
 
 
+@dataclass(frozen=True)
+class Commands:
+    """This run's scripts as a person pastes them: the launcher (python, or torchrun with its process count),
+    the flags the checkpoint's config needs, paths shell-quoted. A schedule fixed to the run's length
+    (`fixed`, e.g. OneCycleLR) cannot be resumed longer: training on is a new run from the weights
+    (`init_from`, the evaluation model's key path)."""
+
+    train: str = "python train.py"
+    test: str = "python test.py"
+    flags: str = ""
+    fixed: str | None = None
+    init_from: str = "arch"
+
+    def resume(self, path: Path, *overrides: str) -> str:
+        return " ".join([self.train, "--resume", quoted(path), *overrides]) + self.flags
+
+    def evaluate(self, path: Path) -> str:
+        return f"{self.test} --resume {quoted(path)}{self.flags}"
+
+    def train_longer(self, run_dir: Path, weights: Path, epochs: int) -> str:
+        if self.fixed is None:
+            return self.resume(run_dir, f"trainer.epochs={epochs}")
+        new_run = f"{self.train} -c {quoted(run_dir / 'config.yaml')}"
+        start = f"{self.init_from}.init_from.path={quoted(weights)} {self.fixed}.args.total_steps=auto"
+        return (
+            f"{new_run} {start}  (a new run from these weights: {self.fixed} was fixed to this run's length)"
+        )
+
+
+def quoted(path: Path) -> str:
+    """A path as typed in a shell: relative when below the working directory, quoted when it must be."""
+    return shlex.quote(shown_path(path))
+
+
 def run_summary(
     seconds: float,
     epochs_done: int,
@@ -94,6 +130,7 @@ def run_summary(
     run_dir: Path,
     log_dir: Path,
     tensorboard: bool,
+    commands: Commands,
     has_test_data: bool = True,
 ) -> str:
     """Elapsed time, the best epoch and where things are, with the commands to run next."""
@@ -108,15 +145,13 @@ def run_summary(
     last = run_dir / "checkpoint-last.pth"
     lines.append(f"  last      {shown_path(last)}")
     evaluated = best if monitor.metric and best.exists() else last
-    test = f"python test.py --resume {shown_path(evaluated)}"
+    test = commands.evaluate(evaluated)
     if not has_test_data:
         test += " -c test.yaml  (this config has no test data: give test.yaml a test_data_loader section)"
     lines.append(f"  test      {test}")
-    curves = f"tensorboard --logdir {shown_path(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
+    curves = f"tensorboard --logdir {quoted(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
     lines.append(f"  curves    {curves}; every scalar is also in {shown_path(log_dir / 'metrics.csv')}")
-    lines.append(
-        f"  continue  python train.py --resume {shown_path(run_dir)} trainer.epochs={2 * epochs_done}"
-    )
+    lines.append(f"  continue  {commands.train_longer(run_dir, evaluated, 2 * epochs_done)}")
     return "\n".join(lines)
 
 

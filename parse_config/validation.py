@@ -4,6 +4,7 @@ Pure: resolves the `type` names (importing what they name) and inspects signatur
 section kind's own rules live with its builder (loaders.py, callables.py, schedulers.py).
 """
 
+import copy
 import re
 from typing import Any, Callable
 
@@ -76,6 +77,13 @@ def validate(
         for entry in entries(data, "scheduler"):
             errors += check_scheduler(data, entry, lookups)
     return errors, notices
+
+
+def needs_trust(data: dict, lookups: dict[str, Lookup], project: dict[str, Option]) -> bool:
+    """Whether resuming this config from its own checkpoint needs --trust-checkpoint-config: a type it names
+    is refused when it comes from a checkpoint (a file.py type, a package outside the project)."""
+    errors, _ = validate(copy.deepcopy(data), lookups, lambda path: False, (), project)
+    return any("refused" in problem for _, problem in errors)
 
 
 def _check_metrics(

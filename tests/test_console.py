@@ -107,7 +107,7 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
     before = [(p, p.stat().st_mtime_ns) for p in files_under(tmp_path)]
     assert train.main(["--resume", str(run)]) == 0
     assert capsys.readouterr().out == (f"{run}/checkpoint-last.pth: this run is finished (2 of 2 epochs). To train "
-                                       f"longer: python train.py --resume {run} trainer.epochs=4\n")
+                                       "longer: python train.py --resume saved/models/tiny/done trainer.epochs=4\n")
     assert [(p, p.stat().st_mtime_ns) for p in files_under(tmp_path)] == before
     assert train.main(["--resume", str(run), "trainer.epochs=3"]) == 0
     assert load(run / "checkpoint-last.pth")["epoch"] == 3

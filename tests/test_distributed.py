@@ -136,7 +136,7 @@ def test_sigterm_then_resume_on_two_processes_is_bit_identical(tmp_path, target)
     else:
         subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)
     status, out, err = _finish(process)
-    assert status != 0 and "Stopped by SIGTERM; resume with: python train.py --resume" in out + err
+    assert status != 0 and "Stopped by SIGTERM; resume with: torchrun --nproc_per_node 2 train.py --resume" in out + err
     stopped = load(run / "checkpoint-last.pth")
     assert stopped["epoch"] == 1 and 0 < stopped["batches_in_epoch"] < 50, "stopped during epoch 2"
     starts = [(run / "checkpoint-last.pth", [])]  # mid-epoch 2

@@ -314,8 +314,9 @@ def test_the_summary_says_how_to_test_a_project_without_test_data(tmp_path, caps
     (tmp_path / "branchy.py").write_text(BRANCHY)
     config["arch"] = {"type": f"{tmp_path}/branchy.py:Branchy"}
     _train(tmp_path, "no_test", config)
-    assert ("  test      python test.py --resume saved/models/tiny/no_test/checkpoint-last.pth -c test.yaml  (this "
-            "config has no test data: give test.yaml a test_data_loader section)") in capsys.readouterr().out
+    assert ("  test      python test.py --resume saved/models/tiny/no_test/checkpoint-last.pth "
+            "--trust-checkpoint-config -c test.yaml  (this config has no test data: give test.yaml a "
+            "test_data_loader section)") in capsys.readouterr().out
 
 
 

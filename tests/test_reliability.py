@@ -254,7 +254,8 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, err
     stopped = run_dir(tmp_path, "stopped")
-    assert f"Stopped by SIGTERM; resume with: python train.py --resume {stopped}/checkpoint-last.pth" in out + err
+    shown = (stopped / "checkpoint-last.pth").relative_to(tmp_path)
+    assert f"Stopped by SIGTERM; resume with: python train.py --resume {shown}" in out + err
     assert train.main(["-r", str(stopped / "checkpoint-last.pth"), "--trust-checkpoint-config"]) == 0
     final, again = load(run_dir(tmp_path, "reference") / "checkpoint-epoch2.pth"), load(stopped / "checkpoint-epoch2.pth")
     assert all(torch.equal(final["state_dict"][key], again["state_dict"][key]) for key in final["state_dict"])
@@ -281,7 +282,8 @@ def test_sigterm_to_a_torchrun_process_group_with_workers_saves_and_resumes_exac
     (tmp_path / "go").touch()
     out, err = process.communicate(timeout=300)
     stopped = run_dir(tmp_path, "stopped")
-    assert "Stopped by SIGTERM; resume with:" in out + err and (stopped / "checkpoint-last.pth").is_file(), err
+    resume = "resume with: torchrun --nproc_per_node 2 train.py --resume saved/models/tiny/stopped/checkpoint-last.pth"
+    assert resume + " --trust-checkpoint-config" in out + err and (stopped / "checkpoint-last.pth").is_file(), err
     resumed = torchrun("-r", str(stopped / "checkpoint-last.pth"), "--trust-checkpoint-config")
     assert resumed.wait(timeout=300) == 0, resumed.communicate()
     final, again = load(run_dir(tmp_path, "reference") / "checkpoint-epoch2.pth"), load(stopped / "checkpoint-epoch2.pth")

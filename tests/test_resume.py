@@ -106,7 +106,8 @@ def test_signal_saves_after_the_step_and_says_how_to_resume(tmp_path, signal_num
     out, err = process.communicate(timeout=60)
     assert process.returncode == status, err
     last = run / "checkpoint-last.pth"
-    assert f"Stopped by {signal.Signals(signal_number).name}; resume with: python train.py --resume {last}" in out
+    shown = last.relative_to(tmp_path)  # as typed where the run was started
+    assert f"Stopped by {signal.Signals(signal_number).name}; resume with: python train.py --resume {shown}" in out
     assert "Traceback" not in out + err
     stopped = load(last)
     assert stopped["epoch"] == 1 and 0 <= stopped["batches_in_epoch"] < 40, "stopped during epoch 2"

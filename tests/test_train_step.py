@@ -257,9 +257,9 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
     counter = _SyncCounter(monkeypatch)
     fit = BaseTrainer.fit
 
-    def counted_fit(self, run):
+    def counted_fit(self, *args, **kwargs):
         counter.training = True
-        fit(self, run)
+        fit(self, *args, **kwargs)
         counter.training = False
 
     monkeypatch.setattr(BaseTrainer, "fit", counted_fit)
