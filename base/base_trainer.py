@@ -29,7 +29,7 @@ from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
 from .monitor import Monitor
 from .schedule import Schedule
-from .train_step import TrainStep, unwrap
+from .train_step import CheckedLoss, TrainStep, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,13 @@ class BaseTrainer:
         config: dict | None = None,
         eval_model: str | None = None,
     ):
-        self.models, self.criteria, self.metric_ftns = models, criteria, metric_ftns
+        self.models, self.metric_ftns = models, metric_ftns
+        self.criteria = {name: CheckedLoss(criterion) for name, criterion in criteria.items()}
         self.optimizers, self.schedules, self.device = optimizers, schedules or {}, device
         self.eval_name = eval_model or next(iter(models))
         self.model = models[self.eval_name]
         self.optimizer = next(iter(optimizers.values())) if len(optimizers) == 1 else None
-        self.criterion = next(iter(criteria.values())) if len(criteria) == 1 else None
+        self.criterion = next(iter(self.criteria.values())) if len(criteria) == 1 else None
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.options, self.config, self.seed = options, config or {}, seed
         self.epochs, self.log_step = options["epochs"], options["log_step"]

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from utils.errors import TrainingError
+from utils.user_code import defined_at
+
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -192,6 +195,38 @@ class TrainStep:
         self.ema_updates = state.get("ema_updates", 0)
         if self.ema is not None:
             self.ema.n_averaged.fill_(self.ema_updates)
+
+
+class CheckedLoss:
+    """A loss whose return is checked on every call, without reading anything back: a scalar tensor, or a
+    dict with one under "loss". A wrong one names the user's function and file, instead of failing later
+    inside backward. Attributes are the loss's own."""
+
+    def __init__(self, loss: Callable):
+        self.loss = loss
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        value = self.loss(*args, **kwargs)
+        total = value.get("loss") if isinstance(value, dict) else value
+        if not isinstance(total, torch.Tensor) or total.dim() != 0:
+            raise TrainingError(
+                f"the loss {defined_at(self.loss)} returned {_shown(value)}: a loss returns a scalar tensor "
+                "(the .mean() of a per-sample loss), or a dict of named terms with the total under 'loss'"
+            )
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loss":
+            raise AttributeError(name)
+        return getattr(self.loss, name)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    if isinstance(value, dict):
+        return f"a dict without 'loss' ({', '.join(map(str, value))})" if "loss" not in value else "a dict"
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def total_loss(loss: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ One rule decides both: a class is built once with its args; a function is called
 f(output, target, **args).
 """
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -69,7 +70,7 @@ def build_callable(config: Config, path: str, spec: str | dict, lookup: Lookup, 
     args = refs.substitute(args, f"{path}.args") if refs is not None else args
     if _built_once(obj):
         return config.construct(path, name, args, lookup)
-    return (lambda output, target: obj(output, target, **args)) if args else obj
+    return functools.partial(obj, **args) if args else obj
 
 
 def build_metrics(config: Config, lookup: Lookup, refs: Any = None) -> dict[str, Callable]:

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from utils.errors import ConfigError
-from utils.user_code import raised_in_user_code
+from utils.user_code import raised_in_library, raised_in_user_code
 
 from .resolution import Lookup, resolve_type, section_kind
 
@@ -85,9 +85,9 @@ class Config:
         except ConfigError:
             raise
         except Exception as error:  # which code raised decides who is told: the user's code, or the config
-            if raised_in_user_code(error):
-                raise
             key = _blamed_argument(error, args)
+            if raised_in_user_code(error) and not (key and raised_in_library(error)):
+                raise  # a library refusing a config value that the user's constructor passed on: the config's
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ConfigError(
                 self.located(

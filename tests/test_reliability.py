@@ -288,3 +288,44 @@ def test_sigterm_to_a_torchrun_process_group_with_workers_saves_and_resumes_exac
     assert resumed.wait(timeout=300) == 0, resumed.communicate()
     final, again = load(run_dir(tmp_path, "reference") / "checkpoint-epoch2.pth"), load(stopped / "checkpoint-epoch2.pth")
     assert all(torch.equal(final["state_dict"][key], again["state_dict"][key]) for key in final["state_dict"])
+
+
+WRONG_RETURNS = """import torch.nn.functional as F
+
+
+def per_sample(output, target):
+    return F.nll_loss(output, target, reduction="none")
+
+
+def as_float(output, target):
+    return F.nll_loss(output, target).item()
+
+
+def nothing(output, target):
+    return None
+"""
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("loss", "per_sample", "the loss per_sample (wrong.py:4) returned a tensor of shape [32]: a loss returns a "
+     "scalar tensor (the .mean() of a per-sample loss), or a dict of named terms with the total under 'loss'"),
+    ("loss", "as_float", "the loss as_float (wrong.py:8) returned float "),
+    ("metrics", "nothing", "the metric nothing (wrong.py:12) returned None: a metric returns a number or a "
+     "one-element tensor"),
+], ids=["per-sample-loss", "float-loss", "none-metric"])
+def test_a_wrong_return_names_the_users_function_and_file(tmp_path, capsys, key, value, expected):
+    (tmp_path / "wrong.py").write_text(WRONG_RETURNS)
+    config = tiny_config(tmp_path, epochs=1)
+    config[key] = f"{tmp_path}/wrong.py:{value}" if key == "loss" else [f"{tmp_path}/wrong.py:{value}"]
+    assert train.main(["-c", str(write_config(tmp_path, config))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+
+
+def test_a_library_refusing_a_value_passed_through_the_users_constructor_blames_the_config_key(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=1))
+    assert train.main(["-c", str(path), "data_loader.args.batch_size=0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: override 'data_loader.args.batch_size=0': data_loader.args.batch_size: MnistDataLoader refused its "
+        "args: batch_size should be a positive integer value, but got batch_size=0\n")
+    assert not (tmp_path / "saved").exists()

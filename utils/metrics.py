@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from . import distributed
+from .errors import TrainingError
+from .user_code import defined_at
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class EpochMetrics:
                 self.tracker.add_key(name)
             self.tracker.update(name, value, n)
         for name, metric in self.per_batch.items():
-            self.tracker.update(name, metric(output, target), n)
+            self.tracker.update(name, _checked(metric, metric(output, target)), n)
         for metric in self.stateful.values():
             metric.update(output, target)
 
@@ -161,6 +163,18 @@ class EpochMetrics:
                 logger.warning(
                     "metric %s has no state_dict(): it restarts its count at the resumed batch", name
                 )
+
+
+def _checked(metric: Callable, value: Any) -> Any:
+    """A metric's value, which must be a number or a one-element tensor; else the error names the metric."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+        shown = (
+            f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:60]
+        )
+        problem = f"the metric {defined_at(metric)} returned {shown}"
+        raise TrainingError(f"{problem}: a metric returns a number or a one-element tensor")
+    return value
 
 
 def _as_float(value: Any) -> float:

@@ -4,10 +4,14 @@ The project's own model/, data_loader/, trainer/ and any file named by `file.py:
 base/, utils/, logger/, the entry scripts and installed packages are not.
 """
 
+import functools
+import inspect
+import os
 import re
 import sysconfig
 import traceback
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 _FRAMEWORK = tuple(
@@ -35,6 +39,25 @@ def user_frames(error: BaseException) -> list[traceback.FrameSummary]:
 def raised_in_user_code(error: BaseException) -> bool:
     """True when the user's code is on the stack, or a DataLoader worker's traceback passed through it."""
     return bool(user_frames(error)) or bool(_worker_user_lines(str(error)))
+
+
+def raised_in_library(error: BaseException) -> bool:
+    """True when the innermost frame is a library's (torch refusing a value), not the user's code."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and not is_user_file(frames[-1].filename)
+
+
+def defined_at(obj: Any) -> str:
+    """`name (file.py:line)` of a function or of an object's class, for errors that blame the user's code."""
+    obj = obj.func if isinstance(obj, functools.partial) else obj
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    try:
+        path, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
+    except (OSError, TypeError):
+        return name
+    shown = os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
+    return f"{name} ({shown}:{line})"
 
 
 def _worker_user_lines(message: str) -> list[str]:
