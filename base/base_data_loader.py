@@ -142,6 +142,7 @@ class BaseDataLoader(DataLoader):
         pin_memory: bool | str = "auto",
         seed: int | None = None,
         per_sample_seeds: bool = True,
+        timeout: float = 0,
     ):
         self.seed = torch.initial_seed() if seed is None else seed  # train.py seeds torch before building
         self.per_sample_seeds = per_sample_seeds
@@ -153,6 +154,7 @@ class BaseDataLoader(DataLoader):
             "collate_fn": collate_fn,
             "pin_memory": resolve_pin_memory(pin_memory),
             "persistent_workers": workers > 0,
+            "timeout": timeout if workers > 0 else 0,  # seconds a batch may take from a worker (0: no limit)
         }
         keyed = per_sample_seeds
         self.valid_sampler = (

@@ -329,3 +329,24 @@ def test_a_library_refusing_a_value_passed_through_the_users_constructor_blames_
         "error: override 'data_loader.args.batch_size=0': data_loader.args.batch_size: MnistDataLoader refused its "
         "args: batch_size should be a positive integer value, but got batch_size=0\n")
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_first_ctrl_c_on_a_hung_step_shows_where_each_process_is(tmp_path, workers):
+    config = _gated_config(tmp_path, workers, "training")
+    path = write_config(tmp_path, config)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", str(path), "--run-id", "hung"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    _wait_for(tmp_path / "at-gate", process)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the trainer and its workers
+    seen = []
+    while not any("gated.py" in line and "__getitem__" in line for line in seen):  # the hung line's stack
+        line = process.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
+    assert any(line.startswith("Ctrl-C: finishing the current step, then saving") for line in seen), "".join(seen)
+    (tmp_path / "go").touch()
+    process.communicate(timeout=300)
+    assert process.returncode == 130 and (run_dir(tmp_path, "hung") / "checkpoint-last.pth").is_file()

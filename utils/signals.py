@@ -1,6 +1,8 @@
 """Stop on SIGINT/SIGTERM/SIGHUP at a safe point instead of dying mid-step."""
 
+import faulthandler
 import functools
+import multiprocessing
 import os
 import signal
 import threading
@@ -8,6 +10,7 @@ from types import FrameType
 from typing import Any, Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
+WHERE_ARE_YOU = signal.SIGUSR1  # asks a shielded DataLoader worker for its stack
 
 
 class StopRequest:
@@ -38,7 +41,12 @@ class StopRequest:
             signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
         if self.signal is None and number == signal.SIGINT:  # os.write: safe inside a signal handler
-            os.write(2, b"\nCtrl-C: finishing the current step, then saving (Ctrl-C again stops at once)\n")
+            os.write(
+                2,
+                b"\nCtrl-C: finishing the current step, then saving (Ctrl-C again stops at once). "
+                b"Where each process is now:\n",
+            )
+            show_where_processes_are()
         self.signal = self.signal or number
 
     @property
@@ -57,5 +65,14 @@ def shield_workers(loader: Any) -> None:
 def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    faulthandler.register(WHERE_ARE_YOU, all_threads=False)  # a worker's stack, when the trainer asks
     if then is not None:
         then(worker_id)
+
+
+def show_where_processes_are() -> None:
+    """The Python stack of this process's main thread and of each DataLoader worker (which sample a hung
+    `__getitem__` is loading), on stderr: what a first Ctrl-C shows of a step that does not finish."""
+    faulthandler.dump_traceback(all_threads=False)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, WHERE_ARE_YOU)

@@ -99,6 +99,11 @@ def worker_death(error: BaseException) -> str | None:
             f"{str(error).splitlines()[0]}; the last good checkpoint is kept (a worker dies when killed or "
             "out of memory: try fewer num_workers, or num_workers: 0 to see the dataset's own error)"
         )
+    if isinstance(error, RuntimeError) and str(error).startswith("DataLoader timed out after"):
+        return (
+            f"{str(error).splitlines()[0]}: a worker took longer than data_loader.args.timeout for a "
+            "batch; the last good checkpoint is kept (Ctrl-C while it hangs shows where each worker is)"
+        )
     return None
 
 
