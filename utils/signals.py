@@ -1,10 +1,12 @@
 """Stop on SIGINT/SIGTERM/SIGHUP at a safe point instead of dying mid-step."""
 
+import contextlib
 import faulthandler
 import functools
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any, Callable
@@ -65,7 +67,11 @@ def shield_workers(loader: Any) -> None:
 def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    faulthandler.register(WHERE_ARE_YOU, all_threads=False)  # a worker's stack, when the trainer asks
+    try:  # a worker's stack, when the trainer asks
+        faulthandler.register(WHERE_ARE_YOU, file=sys.__stderr__, all_threads=False)
+    # no stderr file descriptor: the question is ignored rather than fatal (SIGUSR1's default)
+    except (AttributeError, OSError, ValueError):
+        signal.signal(WHERE_ARE_YOU, signal.SIG_IGN)
     if then is not None:
         then(worker_id)
 
@@ -73,6 +79,9 @@ def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> 
 def show_where_processes_are() -> None:
     """The Python stack of this process's main thread and of each DataLoader worker (which sample a hung
     `__getitem__` is loading), on stderr: what a first Ctrl-C shows of a step that does not finish."""
-    faulthandler.dump_traceback(all_threads=False)
+    with contextlib.suppress(
+        AttributeError, OSError, ValueError
+    ):  # no stderr file descriptor: no stack to show
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=False)
     for child in multiprocessing.active_children():
         os.kill(child.pid, WHERE_ARE_YOU)
