@@ -350,3 +350,30 @@ def test_the_first_ctrl_c_on_a_hung_step_shows_where_each_process_is(tmp_path, w
     (tmp_path / "go").touch()
     process.communicate(timeout=300)
     assert process.returncode == 130 and (run_dir(tmp_path, "hung") / "checkpoint-last.pth").is_file()
+
+
+def test_a_whole_pickled_model_gives_its_weights_to_init_from_and_is_refused_as_a_checkpoint(tmp_path, capsys):
+    from model.model import MnistModel
+
+    model = MnistModel()
+    path = tmp_path / "whole.pth"
+    torch.save(model, path)  # pickles the class: loading it the usual way would run model.model's code
+    config = write_config(tmp_path, {**tiny_config(tmp_path, epochs=1), "arch": {"type": "MnistModel",
+                                                                                "init_from": {"path": str(path)}}})
+    assert train.main(["-c", str(config), "--run-id", "whole"]) == 0
+    assert "init_from " + str(path) + ": {'loaded': 8, 'excluded': 0, 'missing': 0" in capsys.readouterr().out
+    for entry in (train.main, test_script.main):
+        assert entry(["-r", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {path}: holds a whole pickled model (torch.save(model)), not a checkpoint: start a run from "
+            f"its weights with arch.init_from.path={path}\n")
+
+
+def test_a_state_dict_with_keys_that_are_not_names_is_one_line(tmp_path, capsys):
+    path = tmp_path / "numbered.pth"
+    torch.save({0: torch.zeros(3)}, path)
+    config = write_config(tmp_path, {**tiny_config(tmp_path, epochs=1), "arch": {"type": "MnistModel",
+                                                                                "init_from": {"path": str(path)}}})
+    assert train.main(["-c", str(config)]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: its state_dict has a key that is not a name (0): not a "
+                                       "model's\n")

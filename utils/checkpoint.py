@@ -22,6 +22,7 @@ DIGESTS = "digests"
 CONFIG = "config"  # the run's config as plain data (pytorch-template's key)
 WEIGHTS = "state_dict"  # the model's weights (pytorch-template's key)
 LEGACY = "legacy"  # marks a pytorch-template checkpoint read through stand-ins
+WHOLE_MODEL = "whole_model"  # marks a torch.save(model) file, of which only the weights are read
 EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
 _TEMP_SUFFIX = ".tmp"
 
@@ -145,6 +146,8 @@ def _bounded(state: Any, path: Path) -> Any:
             stack.extend((value, depth + 1, (*where, key)) for key, value in node.items())
         elif isinstance(node, (list, tuple)):
             stack.extend((value, depth + 1, (*where, index)) for index, value in enumerate(node))
+        elif isinstance(node, _Inert):  # a pickled object's stand-in: its fields, as any other container
+            stack.append((vars(node), depth + 1, where))
     return state
 
 
@@ -173,6 +176,9 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
             state = _bounded(torch.load(path, map_location="cpu", weights_only=True), path)
     except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
         return None
+    if isinstance(state, _Inert) and isinstance(getattr(state, "_modules", None), dict):  # torch.save(model)
+        return {"version": 0, LEGACY: True, WHOLE_MODEL: True, "epoch": None, WEIGHTS: _module_weights(state),
+                CONFIG: {}}  # fmt: skip
     parser = state.get(CONFIG) if isinstance(state, dict) else None
     config = getattr(parser, "_config", None)
     if not isinstance(state.get(WEIGHTS), dict) or not isinstance(config, dict) or "arch" not in state:
@@ -185,6 +191,21 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
         WEIGHTS: weights,
         CONFIG: json.loads(json.dumps(config, default=str)),
     }
+
+
+def _module_weights(module: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A pickled nn.Module's parameters and persistent buffers by their state_dict names, read from its inert
+    stand-in: the weights of a whole-model file, with none of its code run."""
+    skipped = getattr(module, "_non_persistent_buffers_set", set())
+    weights = {}
+    for kind in ("_parameters", "_buffers"):
+        for name, value in (getattr(module, kind, None) or {}).items():
+            if isinstance(value, torch.Tensor) and name not in skipped:
+                weights[prefix + name] = value
+    for name, child in getattr(module, "_modules", {}).items():
+        if child is not None:
+            weights.update(_module_weights(child, f"{prefix}{name}."))
+    return weights
 
 
 def _first_line(error: Exception) -> str:
@@ -209,6 +230,11 @@ def load_checkpoint(path: Path, for_evaluation: bool = False) -> dict:
         raise CheckpointError(
             f"{path}: checkpoint format version {state['version']} is newer than this torchkiln reads "
             f"({FORMAT_VERSION}); update torchkiln to load it"
+        )
+    if state.get(WHOLE_MODEL):
+        raise CheckpointError(
+            f"{path}: holds a whole pickled model (torch.save(model)), not a checkpoint: start a run from "
+            f"its weights with arch.init_from.path={path}"
         )
     if not is_legacy(state):
         verify_digests(state, path, for_evaluation)
@@ -288,6 +314,11 @@ def load_state_dict_file(path: Path) -> dict:
         state = state[WEIGHTS]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path}: holds neither a checkpoint nor a state_dict of tensors")
+    named = next((key for key in state if not isinstance(key, str)), None)
+    if named is not None:
+        raise CheckpointError(
+            f"{path}: its state_dict has a key that is not a name ({named!r}): not a model's"
+        )
     if state and all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
         state = {key[len("module.") :]: value for key, value in state.items()}
     return state

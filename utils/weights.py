@@ -59,6 +59,8 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         raise CheckpointError(f"{source}: its weights are not a state_dict of tensors")
+    if not all(isinstance(key, str) for key in state_dict):
+        raise CheckpointError(f"{source}: its weights have keys that are not names: not a state_dict")
     bad = first_nonfinite(state_dict)
     if bad:
         raise CheckpointError(
