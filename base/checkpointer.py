@@ -264,6 +264,10 @@ class Checkpointer:
                     part.resume_samples = self._samples_done(checkpoint, part)
             for part in self.flat:
                 part.load_state_dict(checkpoint)
+        except CheckpointError:  # it names the file already
+            raise
+        except ConfigError as error:  # a part that cannot take this state, saying why
+            raise CheckpointError(f"{source}: {error}") from None
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise CheckpointError(
                 f"{source}: cannot resume from it: {type(error).__name__}: {error}"

@@ -4,6 +4,8 @@ from typing import Any
 
 import torch
 
+from utils.errors import ConfigError
+
 
 class Schedule:
     """Steps `scheduler` after every optimizer step (`per_batch`) or at each epoch's end, on `metric` of the
@@ -28,4 +30,12 @@ class Schedule:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """The scheduler's state; a schedule fixed to a length (OneCycleLR's total_steps) keeps it."""
+        fixed = getattr(self.scheduler, "total_steps", None)
+        if fixed is not None and state.get("total_steps") not in (None, fixed):
+            kind, previous = type(self.scheduler).__name__, state["total_steps"]
+            raise ConfigError(
+                f"{kind} was fixed to {previous} steps when this run began and cannot run {fixed}: train on "
+                "in a new run from its weights (init_from the checkpoint, the schedule's total_steps: auto)"
+            )
         self.scheduler.load_state_dict(state)

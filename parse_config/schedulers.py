@@ -81,30 +81,31 @@ def build_schedule(
             name,
             trainer["epochs"],
         )
-    if name == "OneCycleLR":
-        _fit_one_cycle(
-            config,
-            entry,
-            refs,
-            trainer["epochs"] * (steps_per_epoch if per_batch else 1),
-            f"{trainer['epochs']} epochs" + (f" x {steps_per_epoch} optimizer steps" if per_batch else ""),
-        )
     metric = scheduler_monitor(config.data, node, loaders)[1] if name == PLATEAU else None
-    return Schedule(config.build(entry.path, optimizer, lookup=lookup, refs=refs), per_batch, metric)
+    if name != "OneCycleLR":
+        return Schedule(config.build(entry.path, optimizer, lookup=lookup, refs=refs), per_batch, metric)
+    run_steps = trainer["epochs"] * (steps_per_epoch if per_batch else 1)
+    length = f"{trainer['epochs']} epochs" + (f" x {steps_per_epoch} optimizer steps" if per_batch else "")
+    args = _fit_one_cycle(config, entry, refs, run_steps, length)
+    return Schedule(config.construct(entry.path, node["type"], args, lookup, optimizer), per_batch, metric)
 
 
-def _fit_one_cycle(config: Config, entry: Entry, refs: Any, run_steps: int, length: str) -> None:
-    """`total_steps: auto` (or no length) becomes the run's length; a length that differs is an error."""
-    args = entry.node.setdefault("args", {})
+def _fit_one_cycle(config: Config, entry: Entry, refs: Any, run_steps: int, length: str) -> dict:
+    """The args OneCycleLR is built with. `total_steps: auto` (or no length) is the run's length; the config
+    keeps `auto`, so that a resume computes it again (and a resume that would change it is refused when the
+    scheduler's state is restored). A length that differs from the run's is an error."""
+    args = dict(entry.node.get("args") or {})
+    args = refs.substitute(args, f"{entry.path}.args") if refs is not None else args
     if args.get("total_steps") == "auto" or ("total_steps" not in args and "epochs" not in args):
-        args.update(total_steps=run_steps)
-        args.pop("epochs", None), args.pop("steps_per_epoch", None)
-        return
-    values = refs.substitute(args, f"{entry.path}.args") if refs is not None else args
-    given = values.get("total_steps") or values.get("epochs", 0) * (values.get("steps_per_epoch") or 1)
+        return {
+            **{k: v for k, v in args.items() if k not in ("epochs", "steps_per_epoch")},
+            "total_steps": run_steps,
+        }
+    given = args.get("total_steps") or args.get("epochs", 0) * (args.get("steps_per_epoch") or 1)
     if given != run_steps:
         key = "total_steps" if "total_steps" in args else "epochs"
         raise ConfigError(
             f"{config.source}: {entry.path}.args.{key}: OneCycleLR would run {given} steps but this "
             f"run takes {run_steps} ({length}); set total_steps: auto"
         )
+    return args

@@ -45,7 +45,8 @@ def test_cifar10_config_trains_and_tests(tmp_path, monkeypatch):
     _train_example(tmp_path, "cifar10.yaml", [tmp_path / "data"] * 3, 16, "c")
     run = run_dir(tmp_path, "c", "Cifar10_ResNet18")
     final = load(run / "checkpoint-last.pth")
-    assert final["global_step"] == 3 and final["config"]["lr_scheduler"]["args"]["total_steps"] == 3
+    assert final["global_step"] == 3 and final["lr_scheduler"]["total_steps"] == 3
+    assert final["config"]["lr_scheduler"]["args"]["total_steps"] == "auto", "computed again by a resume"
     assert "fc.weight" in final["state_dict"]
     assert test_script.main(["-r", str(run / "model_best.pth")]) == 0
     assert set(json.loads((run / "model_best.test.json").read_text())) == {"checkpoint", "loss", "accuracy",

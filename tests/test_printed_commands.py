@@ -67,3 +67,16 @@ def test_the_resume_command_after_a_signal_runs_as_printed(tmp_path):
     assert resume.endswith(" --trust-checkpoint-config")
     assert _paste(resume, tmp_path).returncode == 0
     assert (run_dir(tmp_path, "run") / "checkpoint-epoch1.pth").is_file()
+
+
+def test_a_one_cycle_run_resumes_but_is_not_extended(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=2, lr_step="batch")
+    config["lr_scheduler"] = {"type": "OneCycleLR", "args": {"max_lr": 0.01, "total_steps": "auto"}}
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "cycle"]) == 0
+    run = run_dir(tmp_path, "cycle")
+    assert train.main(["-r", str(run / "checkpoint-epoch1.pth"), "--run-id", "again"]) == 0  # auto: 16 again
+    capsys.readouterr()
+    assert train.main(["-r", str(run), "trainer.epochs=4"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run}/checkpoint-last.pth: OneCycleLR was fixed to 16 steps when this run began and cannot run 32: "
+        "train on in a new run from its weights (init_from the checkpoint, the schedule's total_steps: auto)\n")

@@ -401,7 +401,7 @@ def test_plateau_follows_its_own_monitor_and_one_cycle_total_steps_auto(tmp_path
     config["lr_scheduler"] = {"type": "OneCycleLR", "args": {"max_lr": 0.01, "total_steps": "auto"}}
     run = train_run(tmp_path, "cycle", config)
     final = load(run / "checkpoint-epoch2.pth")
-    assert final["config"]["lr_scheduler"]["args"]["total_steps"] == 12
+    assert final["config"]["lr_scheduler"]["args"]["total_steps"] == "auto", "computed again by a resume"
     assert final["lr_scheduler"]["total_steps"] == 12 and final["lr_scheduler"]["last_epoch"] == 12
     config = linear_config(tmp_path, project, monitor="max val_f1")
     config["lr_scheduler"] = {"type": "ReduceLROnPlateau", "args": {"mode": "min", "patience": 0}, "monitor": "loss"}
