@@ -140,9 +140,8 @@ class BaseTrainer:
 
     def learning_rates(self) -> dict[str, float]:
         """`lr` of the optimizer's first group; with several optimizers `lr_<name>` of each."""
-        if len(self.optimizers) == 1:
-            return {"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"]}
-        return {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
+        named = {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
+        return {"lr": next(iter(named.values()))} if len(named) == 1 else named
 
     # ---- the epoch loop ----
     def fit(self, run: RunPaths, commands: Commands | None = None) -> None:
