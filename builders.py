@@ -5,6 +5,7 @@ one (model/nets.py, data_loader/audio.py). Each section kind's rules live in par
 callables.py, schedulers.py); the functions here only put them together.
 """
 
+import os
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -22,12 +23,14 @@ from base.base_data_loader import unseeded
 from base.base_model import init_weights
 from base.schedule import Schedule
 from base.train_step import compiled, unwrap
+from logger.report import Commands
 from parse_config import Config, callables
 from parse_config.loaders import build_loader, build_test_loader, build_validation_loader, test_split
 from parse_config.references import References, needs_data
 from parse_config.resolution import close_match
 from parse_config.schedulers import build_schedule
 from parse_config.shapes import Entry, entries, eval_model_name, optimized_models
+from parse_config.validation import needs_trust
 from utils import distributed
 from utils.checkpoint import load_state_dict_file
 from utils.errors import ConfigError
@@ -204,3 +207,21 @@ def batches_per_epoch(config: Config, loader: DataLoader) -> int:
             f"{config.source}: trainer.len_epoch: the training loader has no length (an "
             "IterableDataset?); set len_epoch to the batches per epoch"
         ) from None
+
+
+def commands_for(config: Config, project: dict[str, Any]) -> Commands:
+    """How to run this project's scripts again, as pasted: under the same launcher, with the flag a resume
+    from its checkpoint needs when its config names code a checkpoint may not (a file.py type, a package
+    outside the project), and the new-run form for a schedule fixed to the run's length."""
+    launcher = "python"
+    if distributed.launched_by_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = distributed.world_size() // local
+        launcher = f"torchrun --nproc_per_node {local}" + (
+            f" --nnodes {nodes} <rendezvous options>" if nodes > 1 else ""
+        )
+    flags = " --trust-checkpoint-config" if needs_trust(config.data, lookups(), project) else ""
+    schedules = entries(config.data, "scheduler")
+    fixed = next((e.path for e in schedules if e.node["type"].split(".")[-1] == "OneCycleLR"), None)
+    evaluated = next(e.path for e in entries(config.data, "model") if e.name == eval_model_name(config.data))
+    return Commands(f"{launcher} train.py", f"{launcher} test.py", flags, fixed, evaluated)

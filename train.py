@@ -146,33 +146,6 @@ def log_summary(config: Config, trainer: Any, run: Any, commands: Any) -> None:
     logger.info("%s", summary)
 
 
-def commands_for(config: Config) -> Any:
-    """How to run this project's scripts again, as pasted: under the same launcher, with the flag a resume
-    from its checkpoint needs when its config names code a checkpoint may not (a file.py type, a package
-    outside the project), and the new-run form for a schedule fixed to the run's length."""
-    import builders
-    from logger.report import Commands
-    from parse_config.shapes import entries, eval_model_name
-    from parse_config.validation import needs_trust
-
-    launcher = "python"
-    if distributed.launched_by_torchrun():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        nodes = distributed.world_size() // local
-        launcher = f"torchrun --nproc_per_node {local}" + (
-            f" --nnodes {nodes} <rendezvous options>" if nodes > 1 else ""
-        )
-    trusting = needs_trust(config.data, builders.lookups(), project_options.PROJECT_OPTIONS)
-    fixed = [
-        e.path for e in entries(config.data, "scheduler") if e.node["type"].split(".")[-1] == "OneCycleLR"
-    ]
-    evaluated = next(e.path for e in entries(config.data, "model") if e.name == eval_model_name(config.data))
-    flags = " --trust-checkpoint-config" if trusting else ""
-    return Commands(
-        f"{launcher} train.py", f"{launcher} test.py", flags, fixed[0] if fixed else None, evaluated
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
     128+N stopped by signal N."""
@@ -188,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["CUDA_VISIBLE_DEVICES"] = request.device_ids
         import torch
 
+        import builders
+
         if config["n_gpu"] > 1 and torch.cuda.device_count() > 1 and not distributed.launched_by_torchrun():
             return distributed.launch_local_processes(
                 min(config["n_gpu"], torch.cuda.device_count()), sys.argv[1:] if argv is None else argv
             )
         distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         trainer, init_counts, references = build_trainer(config, request)  # reads files only, writes nothing
-        commands = commands_for(config)
+        commands = builders.commands_for(config, project_options.PROJECT_OPTIONS)
         done = request.checkpoint is not None and trainer.nothing_to_train(request.checkpoint_path, commands)
         if done:
             if distributed.is_main():
