@@ -12,6 +12,7 @@ from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
 from utils.seeding import derived_seed
+from utils.signals import shielded_iter
 
 
 def _seed_sample(seed: int) -> None:
@@ -223,16 +224,16 @@ class BatchStream:
                 self.pass_index, self.resume_samples if self.resume_samples is not None else skip
             )
             self.resume_samples = None
-            self._iterator = iter(self.loader)
+            self._iterator = shielded_iter(self.loader)
             return
         if self.batches_done == 0:
             self._pass_rng = torch.get_rng_state()
-            self._iterator = iter(self.loader)
+            self._iterator = shielded_iter(self.loader)
             return
         resumed_rng = torch.get_rng_state()
         if self._pass_rng is not None:
             torch.set_rng_state(self._pass_rng)
-        self._iterator = iter(self.loader)
+        self._iterator = shielded_iter(self.loader)
         for _ in range(self.batches_done):
             next(self._iterator)
         torch.set_rng_state(resumed_rng)

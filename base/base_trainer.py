@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import yaml
@@ -23,7 +23,7 @@ from utils.device import batch_to_device
 from utils.errors import TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
 from utils.run_directory import RunPaths
-from utils.signals import StopRequest, shield_workers
+from utils.signals import Shielded, StopRequest, shield_workers
 
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
@@ -221,6 +221,10 @@ class BaseTrainer:
                 self._batch_idx = batch_idx  # for record_batch's warning
                 yield batch_idx, next(self.batches)
                 self._bar.update()
+
+    def valid_batches(self) -> Iterable:
+        """The validation data, its workers started shielded from stop signals like the training data's."""
+        return Shielded(self.valid_data_loader)
 
     @property
     def batch_share(self) -> float:

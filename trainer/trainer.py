@@ -51,7 +51,7 @@ class Trainer(BaseTrainer):
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
         progress = tqdm(
-            self.valid_data_loader,
+            self.valid_batches(),
             desc=f"valid {epoch}/{self.epochs}",
             leave=False,
             disable=not self._show_progress,

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
 WHERE_ARE_YOU = signal.SIGUSR1  # asks a shielded DataLoader worker for its stack
@@ -64,9 +64,35 @@ def shield_workers(loader: Any) -> None:
         loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
 
 
+def shielded_iter(loader: Iterable) -> Iterator:
+    """`iter(loader)`, which forks a DataLoader's workers, with the stop signals blocked meanwhile. The
+    workers inherit the block, so a signal arriving before a worker has ignored it (torch's worker setup
+    installs its own SIGTERM handler first) stays pending and is then discarded; here it is delivered right
+    after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Shielded:
+    """An iterable over `loader` whose iterators start as shielded_iter's do (for validation loops)."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator:
+        return shielded_iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> None:
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # what was pending is ignored now
     try:  # a worker's stack, when the trainer asks
         faulthandler.register(WHERE_ARE_YOU, file=sys.__stderr__, all_threads=False)
     # no stderr file descriptor: the question is ignored rather than fatal (SIGUSR1's default)
