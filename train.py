@@ -8,7 +8,8 @@ The composition root, and only that: parse -> build (reading files only, so bad 
 import logging
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -17,6 +18,10 @@ from parse_config import Config, Request, parse_args
 from trainer import options as project_options
 from utils import distributed, user_code
 from utils.errors import ConfigError, TrainingError, TrainingInterrupted, exit_after
+
+if TYPE_CHECKING:  # torch loads only once the command line holds
+    from base.base_trainer import BaseTrainer
+    from logger.report import Commands
 
 logger = logging.getLogger("train")
 
@@ -146,6 +151,23 @@ def log_summary(config: Config, trainer: Any, run: Any, commands: Any) -> None:
     logger.info("%s", summary)
 
 
+def nothing_to_train(trainer: "BaseTrainer", resumed_from: Path, commands: "Commands") -> str | None:
+    """Why fit() would train nothing after resuming `resumed_from`, with how to train longer; None if it
+    would train."""
+    run, done = resumed_from.parent, trainer.progress.epoch
+    if trainer.monitor.should_stop:
+        return (
+            f"{resumed_from}: this run stopped early at epoch {done} ({trainer.monitor.early_stop} epochs "
+            f"without improvement). To train on: {commands.resume(run, 'trainer.early_stop=0')}"
+        )
+    if done >= trainer.epochs and trainer.progress.batches_in_epoch == 0:
+        return (
+            f"{resumed_from}: this run is finished ({done} of {trainer.epochs} epochs). To train longer: "
+            f"{commands.train_longer(run, resumed_from, done + trainer.epochs)}"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 training failed or the user's code raised, 2 bad input (nothing written),
     128+N stopped by signal N."""
@@ -170,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
         trainer, init_counts, references = build_trainer(config, request)  # reads files only, writes nothing
         commands = builders.commands_for(config, project_options.PROJECT_OPTIONS)
-        done = request.checkpoint is not None and trainer.nothing_to_train(request.checkpoint_path, commands)
+        done = request.checkpoint is not None and nothing_to_train(trainer, request.checkpoint_path, commands)
         if done:
             if distributed.is_main():
                 print(done)

@@ -5,7 +5,6 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -308,22 +307,6 @@ class BaseTrainer:
         raise TrainingInterrupted(
             128 + number, f"Stopped by {signal.Signals(number).name}; resume with: {resume}"
         )
-
-    def nothing_to_train(self, resumed_from: Path, commands: Commands | None = None) -> str | None:
-        """Why fit() would train nothing after resuming `resumed_from`, with how to train longer; None if it
-        would train."""
-        run, done, commands = resumed_from.parent, self.progress.epoch, commands or Commands()
-        if self.monitor.should_stop:
-            return (
-                f"{resumed_from}: this run stopped early at epoch {done} ({self.monitor.early_stop} epochs "
-                f"without improvement). To train on: {commands.resume(run, 'trainer.early_stop=0')}"
-            )
-        if done >= self.epochs and self.progress.batches_in_epoch == 0:
-            return (
-                f"{resumed_from}: this run is finished ({done} of {self.epochs} epochs). To train longer: "
-                f"{commands.train_longer(run, resumed_from, done + self.epochs)}"
-            )
-        return None
 
     # ---- checkpoints ----
     def verified_state(self) -> dict:
