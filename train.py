@@ -81,6 +81,24 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     return trainer, init_counts, refs.resolved
 
 
+def rehearse(config: Config, trainer: Any) -> None:
+    """Pass one real batch through the run before anything is written; a failure that a config value explains
+    is a ConfigError naming it, one in the user's code keeps its frames. Under DDP the failing rank says
+    why, and the others stop with it."""
+    import builders
+    from base.rehearsal import RehearsalFailure
+    from base.rehearsal import rehearse as rehearse_batches
+    from parse_config.blame import explain_rehearsal
+
+    try:
+        rehearse_batches(trainer)
+    except RehearsalFailure as failure:
+        explained = explain_rehearsal(config, failure, builders.lookups())
+        if isinstance(explained, ConfigError) and distributed.env_rank() != 0:
+            print(f"error: {explained}", file=sys.stderr)  # main() says a ConfigError on rank 0 only
+        raise explained from None
+
+
 def start_run(
     config: Config, request: Request, trainer: Any, references: dict, early: logging.Handler
 ) -> Any:
@@ -197,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():
                 print(done)
             return 0
+        rehearse(config, trainer)  # one real batch through the run's code; still nothing written
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)
         trainer.fit(run, commands)
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as error:
         logger.error("%s", error, extra=FILE_ONLY)
-        print(f"error: {error}", file=sys.stderr)
+        print(" ".join([f"error: {error}", *getattr(error, "__notes__", [])]), file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:
         logger.warning("%s", stop)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from utils.errors import ConfigError
 from utils.user_code import raised_in_library, raised_in_user_code
 
+from .blame import blamed_key
 from .resolution import Lookup, resolve_type, section_kind
 
 
@@ -85,7 +86,7 @@ class Config:
         except ConfigError:
             raise
         except Exception as error:  # which code raised decides who is told: the user's code, or the config
-            key = _blamed_argument(error, args)
+            key = blamed_key(error, args)
             if raised_in_user_code(error) and not (key and raised_in_library(error)):
                 raise  # a library refusing a config value that the user's constructor passed on: the config's
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -123,18 +124,3 @@ class Config:
         return lambda *more_args, **more_kwargs: function(
             *args, *more_args, **node.get("args", {}), **kwargs, **more_kwargs
         )
-
-
-def _blamed_argument(error: Exception, args: dict) -> str | None:
-    """The one config arg a library's error message is about (by name or value), if it can be told."""
-    message = str(error)
-    by_name = [key for key in args if re.search(rf"\b{re.escape(key)}\b", message)]
-    by_value = [
-        key
-        for key, value in args.items()
-        if isinstance(value, (int, float, str))
-        and not isinstance(value, bool)
-        and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message)
-    ]
-    candidates = by_name or by_value
-    return candidates[0] if len(candidates) == 1 else None

@@ -146,7 +146,9 @@ def test_flags_and_overrides_in_any_order(tmp_path):
 
 
 def test_info_log_holds_early_warnings_and_the_traceback_of_a_crash(tmp_path):
-    (tmp_path / "crash.py").write_text("def broken(output, target):\n    raise RuntimeError('metric exploded')\n")
+    (tmp_path / "crash.py").write_text("import torch\ndef broken(output, target):\n"
+                                       "    if torch.is_grad_enabled():  # in training, past the rehearsal\n"
+                                       "        raise RuntimeError('metric exploded')\n    return 0.0\n")
     config = tiny_config(tmp_path, epochs=1)
     config["n_gpu"] = 1
     path = write_config(tmp_path, config)

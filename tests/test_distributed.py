@@ -19,9 +19,18 @@ from conftest import ROOT, load, run_dir, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 COUNTING_DATASET = '''import os
+import sys
 import time
 import torch
 from torch.utils.data import Dataset
+
+
+def rehearsing():
+    """Whether torchkiln's rehearsal is loading this sample (before the run; not a training read)."""
+    frame = sys._getframe()
+    while frame is not None and not frame.f_code.co_filename.endswith("rehearsal.py"):
+        frame = frame.f_back
+    return frame is not None
 
 
 class Counted(Dataset):
@@ -38,6 +47,8 @@ class Counted(Dataset):
 
     def __getitem__(self, index):
         time.sleep(0.004)  # slow enough that a signal lands inside an epoch
+        if rehearsing():
+            return self.data[index], self.target[index]
         with open(os.path.join(self.log_dir, f"seen-{os.getpid()}.txt"), "a") as file:
             file.write(f"{index}\\n")
         return self.data[index], self.target[index]
@@ -108,6 +119,29 @@ def test_a_bad_config_under_torchrun_is_one_line_on_every_rank(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+RANK_ONE_FAILS = """import torch
+from torch.utils.data import Dataset
+class OddOnRankOne(Dataset):
+    def __len__(self):
+        return 96
+    def __getitem__(self, index):
+        if torch.distributed.get_rank() == 1:
+            raise ValueError(f"sample {index} cannot be read on rank 1")
+        return torch.zeros(784), index % 10
+"""
+
+
+def test_a_rehearsal_that_fails_on_one_rank_stops_every_rank_before_anything_is_written(tmp_path):
+    (tmp_path / "odd.py").write_text(RANK_ONE_FAILS)
+    config = _linear_config(tmp_path, 16, monitor="off")
+    config["data_loader"] = {"type": f"{tmp_path}/odd.py:OddOnRankOne", "args": {"batch_size": 16, "num_workers": 0}}
+    status, out, err = _finish(_torchrun(tmp_path, 2, "-c", str(write_config(tmp_path, config))))
+    assert status != 0 and not (tmp_path / "saved").exists()
+    assert err.count("error: ValueError: sample") == 1 and "cannot be read on rank 1" in err and "odd.py" in err
+    assert "nothing was written" in err
+    assert err.count("error: another rank's rehearsal of its first batch failed (that rank's error says why)") == 1
+
+
 def _children(pid):
     return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
                                                    text=True).stdout.split()]
@@ -117,6 +151,15 @@ def _wait_for(path, process, timeout=120.0):
     deadline = time.monotonic() + timeout
     while not path.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _wait_for_reads(log_dir, samples, process, timeout=120.0):
+    """Until the Counted dataset has served `samples` training reads over every process."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if sum(len(file.read_text().split()) for file in log_dir.glob("seen-*.txt")) >= samples:
+            return
+        time.sleep(0.002)
 
 
 @pytest.mark.parametrize("target", ["every-rank", "one-rank"])
@@ -165,8 +208,7 @@ def test_a_world_size_change_continues_at_the_next_unseen_sample(tmp_path, first
     path = write_config(tmp_path, config)
     process = _torchrun(tmp_path, first, "-c", str(path), "--run-id", "changing")
     run = run_dir(tmp_path, "changing")
-    _wait_for(run / "checkpoint-epoch1.pth", process)
-    time.sleep(0.3)
+    _wait_for_reads(tmp_path, 240 + 32, process)  # a batch into epoch 2, whose 7 more batches sleep >= 0.9 s
     process.send_signal(signal.SIGTERM)
     _finish(process)
     stopped = load(run / "checkpoint-last.pth")

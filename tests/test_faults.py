@@ -80,9 +80,12 @@ def test_sighup_is_treated_like_sigterm(tmp_path):
 
 
 def test_sigterm_during_validation_saves_at_the_epoch_boundary(tmp_path):
-    (tmp_path / "stop.py").write_text("import os, signal, torch\nsent = []\ndef stop_in_validation(o, t):\n"
-                                      "    if not torch.is_grad_enabled() and not sent:\n        sent.append(1)\n"
-                                      "        os.kill(os.getpid(), signal.SIGTERM)\n    return o.new_zeros(())\n")
+    (tmp_path / "stop.py").write_text("import os, signal, torch\ntrained, sent = [], []\n"
+                                      "def stop_in_validation(o, t):\n"
+                                      "    trained.append(torch.is_grad_enabled())  # the rehearsal comes first\n"
+                                      "    if any(trained) and not trained[-1] and not sent:\n"
+                                      "        sent.append(1)\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                                      "    return o.new_zeros(())\n")
     config = tiny_config(tmp_path, epochs=2)
     reference = write_config(tmp_path, config, "reference.yaml")
     assert train.main(["-c", str(reference), "--run-id", "reference"]) == 0
@@ -281,7 +284,8 @@ def test_a_real_full_filesystem(tmp_path, small_tmpfs, capsys):
 
 
 def test_sigterm_in_the_first_step_leaves_a_resumable_state(tmp_path):
-    (tmp_path / "first.py").write_text("import os, signal\nsent = []\ndef stop_first(o, t):\n    if not sent:\n"
+    (tmp_path / "first.py").write_text("import os, signal, torch\nsent = []\ndef stop_first(o, t):\n"
+                                       "    if torch.is_grad_enabled() and not sent:  # training, past the rehearsal\n"
                                        "        sent.append(1)\n        os.kill(os.getpid(), signal.SIGTERM)\n"
                                        "    return o.new_zeros(())\n")
     path = write_config(tmp_path, tiny_config(tmp_path))

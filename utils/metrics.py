@@ -18,9 +18,12 @@ class MetricTracker:
     per read; Python numbers (pytorch-template's metrics return them) are summed on the host. Also keeps
     pytorch-template's interface: `MetricTracker(*keys, writer=None)`, `update`, `avg`, `result`."""
 
-    def __init__(self, *keys: str, writer: Any = None, device: torch.device | None = None):
+    def __init__(
+        self, *keys: str, writer: Any = None, device: torch.device | None = None, synced: bool = True
+    ):
         self.keys = list(keys)
         self.writer, self.device = writer, device
+        self.synced = synced  # summed over DDP ranks on reading; False for one rank's own batches
         self.reset()
 
     def reset(self) -> None:
@@ -53,7 +56,8 @@ class MetricTracker:
             for total in self._sums.values()
         ]
         counts = torch.tensor([float(self._counts[key]) for key in self.keys], device=device)
-        return distributed.all_reduce_sum(torch.cat([torch.stack(sums), counts]) if sums else counts)
+        totals = torch.cat([torch.stack(sums), counts]) if sums else counts
+        return distributed.all_reduce_sum(totals) if self.synced else totals
 
     def result(self) -> dict[str, float]:
         values = self.totals().tolist() if self.keys else []
@@ -96,12 +100,16 @@ class EpochMetrics:
     mid-epoch resume."""
 
     def __init__(
-        self, metrics: dict[str, Callable], device: torch.device, loss_names: tuple[str, ...] = ("loss",)
+        self,
+        metrics: dict[str, Callable],
+        device: torch.device,
+        loss_names: tuple[str, ...] = ("loss",),
+        synced: bool = True,
     ):
         self.loss_names = list(loss_names)
         self.stateful = {name: metric for name, metric in metrics.items() if is_stateful(metric)}
         self.per_batch = {name: metric for name, metric in metrics.items() if name not in self.stateful}
-        self.tracker = MetricTracker(*self.loss_names, *self.per_batch, device=device)
+        self.tracker = MetricTracker(*self.loss_names, *self.per_batch, device=device, synced=synced)
         self.metric_names = list(metrics)
         for metric in self.stateful.values():
             # torchmetrics keeps its state out of state_dict() unless told otherwise

@@ -85,7 +85,8 @@ def describe(error: BaseException) -> str:
     shown = traceback.format_list(frames[-SHOWN_FRAMES:])
     where = "".join(shown).rstrip().splitlines() + worker_lines[-2 * SHOWN_FRAMES :]
     summary = f"{type(error).__name__}: {last_line}" if not worker_lines else f"{headline} {last_line}"
-    return "\n".join([f"error: {summary}", "in your code (most recent call last):", *where])
+    notes = getattr(error, "__notes__", [])
+    return "\n".join([f"error: {summary}", "in your code (most recent call last):", *where, *notes])
 
 
 def worker_death(error: BaseException) -> str | None:
