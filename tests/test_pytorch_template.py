@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -72,9 +73,10 @@ def test_old_config_schemas_are_mapped_with_a_notice(tmp_path, capsys, variant, 
     assert all(f"{path}: {notice}" in printed for notice in notices)
 
 
-def _pytorch_template_checkpoint(path, monkeypatch, state_dict, config, extra=None):
+def _pytorch_template_checkpoint(path, monkeypatch, state_dict, config, extra=None, zipped=True):
     """A checkpoint as pytorch-template writes it: its ConfigParser pickled whole, Path objects and numpy
-    scalars inside, model weights under a DataParallel 'module.' prefix."""
+    scalars inside, model weights under a DataParallel 'module.' prefix; `zipped=False`: as torch < 1.6 wrote
+    it."""
     class ConfigParser:
         pass
 
@@ -84,7 +86,8 @@ def _pytorch_template_checkpoint(path, monkeypatch, state_dict, config, extra=No
                            _save_dir=pathlib.PosixPath("saved/models/x"), _log_dir=pathlib.PosixPath("saved/log/x"))
     monkeypatch.setattr(parse_config, "ConfigParser", ConfigParser)
     torch.save({"arch": "MnistModel", "epoch": 7, "state_dict": {f"module.{k}": v for k, v in state_dict.items()},
-                "optimizer": {}, "monitor_best": np.float64(0.05), "config": parser, **(extra or {})}, path)
+                "optimizer": {}, "monitor_best": np.float64(0.05), "config": parser, **(extra or {})}, path,
+               _use_new_zipfile_serialization=zipped)
     monkeypatch.undo()
 
 
@@ -98,13 +101,16 @@ class _Payload:
         return self.function, (self.argument,)
 
 
-def test_pytorch_template_checkpoints_load_weights_without_running_code(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "pre-1.6"])
+def test_pytorch_template_checkpoints_load_weights_without_running_code(tmp_path, monkeypatch, capsys, zipped):
     weights = MnistModel().state_dict()
     config = tiny_config(tmp_path, epochs=1)
     old = tmp_path / "model_best.pth"
     victim = tmp_path / "victim"
     victim.mkdir()
-    _pytorch_template_checkpoint(old, monkeypatch, weights, config, {"payload": _Payload(shutil.rmtree, str(victim))})
+    _pytorch_template_checkpoint(old, monkeypatch, weights, config, {"payload": _Payload(shutil.rmtree, str(victim))},
+                                 zipped)
+    assert zipfile.is_zipfile(old) == zipped
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(old, weights_only=True)
 
@@ -120,7 +126,8 @@ def test_pytorch_template_checkpoints_load_weights_without_running_code(tmp_path
                                        f"state to resume; start a run from its weights with arch.init_from.path={old}\n")
     assert victim.is_dir(), "shutil.rmtree named in the file was never called"
     shell = tmp_path / "shell.pth"
-    _pytorch_template_checkpoint(shell, monkeypatch, weights, config, {"payload": _Payload(os.system, "touch pwned")})
+    _pytorch_template_checkpoint(shell, monkeypatch, weights, config, {"payload": _Payload(os.system, "touch pwned")},
+                                 zipped)
     assert test_script.main(["-r", str(shell)]) == 2
     assert "refused: not a torchkiln checkpoint, or unsafe" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()

@@ -1,9 +1,11 @@
 """Loading a file as data: torch.load(weights_only=True) always, bounded by what the file holds, and the
-foreign formats torchkiln reads (pytorch-template's checkpoints, whole pickled models) through inert
-stand-ins, so that no code from a file ever runs."""
+foreign formats torchkiln reads (pytorch-template's checkpoints, also pre-1.6 non-zip ones, whole pickled
+models) through inert stand-ins, so that no code from a file ever runs."""
 
 import json
 import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,11 +101,15 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
     global it names is replaced by an inert stand-in, so nothing from the file runs; what comes out is its
     weights and its config as plain data, or None when the file is not such a checkpoint."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = (
+            torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            if zipfile.is_zipfile(path)
+            else _legacy_globals(path)
+        )
         stand_ins = [(type(name.rpartition(".")[2], (_Inert,), {}), name) for name in names]
         with torch.serialization.safe_globals(stand_ins):
             state = _bounded(torch.load(path, map_location="cpu", weights_only=True), path)
-    except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError):
+    except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError, AttributeError, EOFError):
         return None
     if isinstance(state, _Inert) and isinstance(getattr(state, "_modules", None), dict):  # torch.save(model)
         return {"version": 0, LEGACY: True, WHOLE_MODEL: True, "epoch": None, WEIGHTS: _module_weights(state),
@@ -120,6 +126,19 @@ def _load_pytorch_template_checkpoint(path: Path) -> dict | None:
         WEIGHTS: weights,
         CONFIG: json.loads(json.dumps(config, default=str)),
     }
+
+
+def _legacy_globals(path: Path) -> list[str]:
+    """The classes and functions a pre-1.6 (non-zip) torch.save file names, read from the opcodes of its four
+    pickles (magic number, protocol, system info, the object) without unpickling anything. torch's own names,
+    which weights_only resolves itself, are left out."""
+    names = set()
+    with path.open("rb") as file:
+        for _ in range(4):
+            for opcode, argument, _ in pickletools.genops(file):
+                if opcode.name == "GLOBAL":
+                    names.add(str(argument).replace(" ", "."))
+    return sorted(name for name in names if not name.startswith(("torch.", "builtins.", "collections.")))
 
 
 def _module_weights(module: Any, prefix: str = "") -> dict[str, torch.Tensor]:
