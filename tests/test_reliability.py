@@ -2,6 +2,7 @@
 advanced checkpoint by its own counters, the same digest rule on every route, Ctrl-C before training."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -347,6 +348,15 @@ def test_the_first_ctrl_c_on_a_hung_step_shows_where_each_process_is(tmp_path, w
         assert line, "".join(seen)
         seen.append(line)
     assert any(line.startswith("Ctrl-C: finishing the current step, then saving") for line in seen), "".join(seen)
+    if workers:  # which batch the hung worker loads, and the gated sample among its indices
+        while not any(line.startswith("DataLoader worker pid") for line in seen):
+            line = process.stderr.readline()
+            assert line, "".join(seen)
+            seen.append(line)
+        loading = next(line for line in seen if line.startswith("DataLoader worker pid"))
+        assert re.match(r"DataLoader worker pid \d+ is loading batch \d+ \(now sample 100\): \[[\d, ]+\]$",
+                        loading.strip()), loading
+        assert "100" in loading.split(": [")[1].rstrip("]\n").split(", "), loading
     (tmp_path / "go").touch()
     process.communicate(timeout=300)
     assert process.returncode == 130 and (run_dir(tmp_path, "hung") / "checkpoint-last.pth").is_file()

@@ -93,8 +93,9 @@ def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> 
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # what was pending is ignored now
-    try:  # a worker's stack, when the trainer asks
-        faulthandler.register(WHERE_ARE_YOU, file=sys.__stderr__, all_threads=False)
+    try:  # a worker's stack at once (faulthandler answers inside C code too), then which batch it loads
+        signal.signal(WHERE_ARE_YOU, _say_which_batch)
+        faulthandler.register(WHERE_ARE_YOU, file=sys.__stderr__, all_threads=False, chain=True)
     # no stderr file descriptor: the question is ignored rather than fatal (SIGUSR1's default)
     except (AttributeError, OSError, ValueError):
         signal.signal(WHERE_ARE_YOU, signal.SIG_IGN)
@@ -102,9 +103,34 @@ def _ignore_stop_signals(then: Callable[[int], None] | None, worker_id: int) -> 
         then(worker_id)
 
 
+def _say_which_batch(number: int, frame: FrameType | None) -> None:
+    """A worker's second answer: the batch it is loading, which torch's worker loop holds as `idx` (the
+    batch's number in this pass of the iterator) and `index` (its sample indices), and the sample that the
+    innermost `__getitem__` is on. Silent while the worker waits for work."""
+    names, sample = [], None
+    while frame is not None and frame.f_code.co_name != "_worker_loop":
+        code = frame.f_code
+        if code.co_name == "__getitem__" and code.co_argcount > 1 and sample is None:
+            sample = frame.f_locals.get(code.co_varnames[1])
+        names.append(code.co_name)
+        frame = frame.f_back
+    if frame is None or "fetch" not in names:
+        return
+    batch, keys = frame.f_locals.get("idx"), frame.f_locals.get("index")
+    samples = [key[1] if isinstance(key, tuple) else key for key in keys] if isinstance(keys, list) else []
+    shown = ", ".join(map(str, samples[:64])) + (", ..." if len(samples) > 64 else "")
+    now = f" (now sample {sample})" if sample is not None else ""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.__stderr__.write(
+            f"DataLoader worker pid {os.getpid()} is loading batch {batch}{now}: [{shown}]\n"
+        )
+        sys.__stderr__.flush()
+
+
 def show_where_processes_are() -> None:
-    """The Python stack of this process's main thread and of each DataLoader worker (which sample a hung
-    `__getitem__` is loading), on stderr: what a first Ctrl-C shows of a step that does not finish."""
+    """The Python stack of this process's main thread and of each DataLoader worker with the batch it is
+    loading (where a hung `__getitem__` waits, and on which samples), on stderr: what a first Ctrl-C shows of
+    a step that does not finish."""
     with contextlib.suppress(
         AttributeError, OSError, ValueError
     ):  # no stderr file descriptor: no stack to show
