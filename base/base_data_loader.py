@@ -15,19 +15,22 @@ from utils.seeding import derived_seed
 from utils.signals import shielded_iter
 
 
-def _seed_sample(seed: int) -> None:
+def _seed_batch(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
 
 
 class SeededSamples(Dataset):
-    """Wraps a BaseDataLoader's dataset so that every random draw made while loading a sample (python's,
+    """Wraps a BaseDataLoader's dataset so that every random draw made while loading a batch (python's,
     numpy's and torch's global RNGs: what torchvision's random transforms use) depends on (run seed, pass,
-    sample index) alone. A sample's augmentation is then the same whichever worker loads it, whatever
-    num_workers, and whether or not the run was resumed. In the main process the global RNGs are put back
-    after each batch, so that loading does not disturb dropout's stream. A dataset that draws from its own
-    generator keeps doing so (pass per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
+    the batch's first sample index and size) alone. A batch is loaded whole by one worker and the sampler
+    fixes its samples, so its augmentation is the same whichever worker loads it, whatever num_workers, and
+    whether or not the run was resumed; seeding once per batch rather than per sample keeps the cost per
+    batch. The draws change with the batch composition, i.e. with batch_size or the number of DDP processes.
+    In the main process the global RNGs are put back after each batch, so that loading does not disturb
+    dropout's stream. A dataset that draws from its own generator keeps doing so (pass
+    per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -47,10 +50,9 @@ class SeededSamples(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         in_main_process = torch.utils.data.get_worker_info() is None
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main_process else None
-        samples = []
-        for pass_index, index in keys:
-            _seed_sample((derived_seed(self.seed, pass_index) * 1_000_033 + index) % 2**63)
-            samples.append(self.dataset[index])
+        pass_index, first = keys[0]
+        _seed_batch((derived_seed(self.seed, pass_index) * 1_000_033 + first * 1_031 + len(keys)) % 2**63)
+        samples = [self.dataset[index] for _, index in keys]
         if saved is not None:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

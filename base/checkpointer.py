@@ -26,7 +26,9 @@ from utils.checkpoint import (
     exact_parts_intact,
     is_legacy,
     link_or_save,
+    progress_of,
     save_checkpoint,
+    sync_directory,
 )
 from utils.errors import CheckpointError, ConfigError
 from utils.seeding import derived_seed, rng_state, seed_everything, set_rng_state
@@ -162,6 +164,7 @@ class Checkpointer:
         self.parts, self.flat, self.config = parts, flat, config
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
         self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
+        self._newest: tuple[Path, tuple[int, int, int]] | None = None  # the last epoch file, and its progress
         # under DDP every rank builds the state (it gathers), rank 0 writes
         self.writes = distributed.is_main()
 
@@ -192,6 +195,7 @@ class Checkpointer:
         if epoch % self.save_period == 0:
             path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
             save_checkpoint(state, path)
+            self._newest = (path, progress_of(state))
             logger.info("Saved %s", path, extra=FILE_ONLY)
         if improved:  # the same bytes: a second name for the epoch file rather than a second serialization
             link_or_save(path, state, self.run_dir / BEST)
@@ -204,9 +208,13 @@ class Checkpointer:
             self.save_last(make_state())
 
     def save_last(self, state: dict) -> Path:
+        """checkpoint-last.pth: a second name for the newest epoch file when it holds this very state (the end
+        of a run), else a file of its own."""
         path = self.run_dir / LAST
         if self.writes:
-            save_checkpoint(state, path)
+            newest, at = self._newest or (None, None)
+            same = newest is not None and newest.exists() and at == progress_of(state)
+            link_or_save(newest if same else None, state, path)
         return path
 
     def _prune(self) -> None:
@@ -217,7 +225,10 @@ class Checkpointer:
             for p in self.run_dir.glob("checkpoint-epoch*.pth")
             if re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name)
         }
-        for path in sorted(epoch_of, key=epoch_of.get)[: -self.keep_last]:
+        doomed = sorted(epoch_of, key=epoch_of.get)[: -self.keep_last]
+        if doomed:
+            sync_directory(self.run_dir)  # the newest file's name first, then the deletions
+        for path in doomed:
             path.unlink()
 
     # ---- how it is restored ----

@@ -1,5 +1,5 @@
-"""Random augmentation in DataLoader workers is exact across resumes: each sample's draws depend on (run seed,
-pass, sample index) alone, whichever worker loads it and whatever num_workers."""
+"""Random augmentation in DataLoader workers is exact across resumes: each batch's draws depend on (run seed,
+pass, the batch's samples) alone, whichever worker loads it and whatever num_workers."""
 import pytest
 import torch
 from test_resume import MID, _reference
@@ -53,17 +53,18 @@ class _Noise(torch.utils.data.Dataset):
         return torch.tensor([index + torch.rand(()).item(), np.random.rand(), random.random()])
 
 
-def _draws(seed, epoch, workers):
-    loader = BaseDataLoader(_Noise(), 4, shuffle=True, num_workers=workers, seed=seed)
+def _draws(seed, epoch, workers, batch_size=4):
+    loader = BaseDataLoader(_Noise(), batch_size, shuffle=True, num_workers=workers, seed=seed)
     loader.set_epoch(epoch)
     batches = torch.cat(list(loader))
     return batches[batches[:, 0].floor().argsort()]  # by sample index, whatever the order
 
 
-def test_draws_depend_on_seed_pass_and_index_only():
+def test_draws_depend_on_seed_pass_and_batch_only():
     assert torch.equal(_draws(1, 0, 0), _draws(1, 0, 2)), "the same whichever worker loads the sample"
     assert not torch.equal(_draws(1, 0, 0), _draws(2, 0, 0)), "another seed, other augmentations"
     assert not torch.equal(_draws(1, 0, 0), _draws(1, 1, 0)), "another pass, other augmentations"
+    assert not torch.equal(_draws(1, 0, 0), _draws(1, 0, 0, batch_size=3)), "other batches, other draws"
     state = torch.get_rng_state()
     _draws(1, 0, 0)
     assert torch.equal(state, torch.get_rng_state()), "loading in the main process leaves dropout's RNG alone"

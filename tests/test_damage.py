@@ -118,17 +118,22 @@ def test_allow_inexact_resume_is_the_explicit_way_through(tmp_path, checkpoint, 
     assert load(run_dir(tmp_path, "inexact") / "checkpoint-last.pth")["epoch"] == 2
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, checkpoint, capsys):
-    run = checkpoint.parent
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=2))
+    assert train.main(["-c", str(path), "--run-id", "good"]) == 0
+    run = run_dir(tmp_path, "good")
     last = run / "checkpoint-last.pth"
+    assert last.samefile(run / "checkpoint-epoch2.pth"), "the final state is written once, under two names"
     raw = bytearray(last.read_bytes())
     offset = raw.find(load(last)["state_dict"]["fc1.weight"].reshape(-1)[:16].numpy().tobytes())
     raw[offset] ^= 0x01
-    last.write_bytes(bytes(raw))
-    assert train.main(["-r", str(run), "trainer.epochs=2"]) == 0
+    last.write_bytes(bytes(raw))  # bit rot in the file: both names see it
+    assert train.main(["-r", str(run), "trainer.epochs=3"]) == 0
     out = capsys.readouterr().out
-    assert f"{last}: damaged: its state_dict do not match" in out and "falling back to the next newest" in out
-    assert load(run / "checkpoint-epoch2.pth")["epoch"] == 2
+    for damaged in (last, run / "checkpoint-epoch2.pth"):
+        assert f"{damaged}: damaged: its state_dict do not match" in out and "falling back to the next newest" in out
+    assert "Resuming from" in out and "checkpoint-epoch1.pth: epoch 2, batch 0" in out
+    assert load(run / "checkpoint-epoch3.pth")["epoch"] == 3
 
 
 def test_a_checkpoint_config_may_not_download_weights_or_data(tmp_path, checkpoint, capsys):

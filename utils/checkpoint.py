@@ -23,8 +23,10 @@ _TEMP_SUFFIX = ".tmp"
 
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: a kill at any moment leaves
-    either the complete old file or the complete new one."""
+    """Write to a temp file in the same directory, fsync it, then rename: a kill or a crash at any moment
+    leaves either the complete old file or the complete new one. The directory is not synced here: that only
+    makes the new name durable sooner, and is done once before older checkpoints are deleted
+    (sync_directory)."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
     state = {**state, DIGESTS: content_digests(state)}
@@ -34,7 +36,6 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-        _fsync_directory(path.parent)
     except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer reports a full disk so
         temp.unlink(missing_ok=True)
         raise TrainingError(
@@ -68,14 +69,15 @@ def link_or_save(existing: Path | None, state: Mapping[str, Any], path: Path) ->
             temp.unlink(missing_ok=True)
             os.link(existing, temp)
             os.replace(temp, path)
-            _fsync_directory(path.parent)
             return
         except OSError:
             temp.unlink(missing_ok=True)
     save_checkpoint(state, path)
 
 
-def _fsync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
+    """Make the names in `directory` durable: before a checkpoint is deleted, so that a crash cannot keep the
+    deletion and lose the rename of its successor."""
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -160,7 +162,7 @@ def newest_intact_checkpoint(path: Path, for_evaluation: bool = False) -> tuple[
             break
     if not found:
         raise CheckpointError(f"{path}: the run directory holds no intact checkpoint-*.pth")
-    return max(found, key=lambda item: _progress(item[1]))
+    return max(found, key=lambda item: progress_of(item[1]))
 
 
 def _epoch_of(path: Path) -> int:
@@ -168,7 +170,7 @@ def _epoch_of(path: Path) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
-def _progress(state: Mapping[str, Any]) -> tuple[int, int, int]:
+def progress_of(state: Mapping[str, Any]) -> tuple[int, int, int]:
     """How far a checkpoint's run had trained, by its own counters."""
     return tuple(value if isinstance(value, int) else 0 for value in (
         state.get("global_step"), state.get("epoch"), state.get("batches_in_epoch")))  # fmt: skip
