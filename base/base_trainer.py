@@ -27,6 +27,7 @@ from utils.signals import Shielded, StopRequest, shield_workers
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
 from .monitor import Monitor
+from .pace import Pace
 from .schedule import Schedule
 from .train_step import CheckedLoss, TrainStep, unwrap
 
@@ -85,6 +86,7 @@ class BaseTrainer:
         self.len_epoch = options["len_epoch"] or len(data_loader)
         self.step = TrainStep.from_options(models, device, options, self.len_epoch, self.eval_name)
         self.batches = BatchStream(data_loader)
+        self.pace = Pace(options["profile"])
         self.monitor = Monitor(monitor, options["early_stop"])
         loss_names = self.logged or ("loss", *getattr(self.criterion, "terms", ()))
         self.train_metrics = EpochMetrics(metric_ftns, device, loss_names)
@@ -197,7 +199,7 @@ class BaseTrainer:
         self.writer.add_hparams(flat_hparams(self.config), final, self.global_step)
 
     def _log_epoch(self, log: dict[str, float], seconds: float, improved: bool) -> None:
-        logger.info("%s", epoch_line(log["epoch"], self.epochs, log, seconds, improved))
+        logger.info("%s", epoch_line(log["epoch"], self.epochs, log, seconds, improved, self.pace.summary()))
         self.writer.add_scalars("epoch", {k: v for k, v in log.items() if k != "epoch"}, self.global_step)
         if self.options["tensorboard_histograms"]:
             self.writer.add_histograms(self.unwrapped_model, self.global_step)
@@ -208,6 +210,7 @@ class BaseTrainer:
         start = self._finite_through = self.progress.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
+        self.pace.start(self.run.logs / "profile" if self.run and distributed.is_main() else None)
         with tqdm(
             total=self.len_epoch,
             initial=start,
@@ -216,10 +219,13 @@ class BaseTrainer:
             disable=not self._show_progress,
             dynamic_ncols=True,
         ) as self._bar:
-            for batch_idx in range(start, self.len_epoch):
-                self._batch_idx = batch_idx  # for record_batch's warning
-                yield batch_idx, next(self.batches)
-                self._bar.update()
+            try:
+                for batch_idx in range(start, self.len_epoch):
+                    self._batch_idx = batch_idx  # for record_batch's warning
+                    yield batch_idx, self.pace.next_batch(self.batches)  # timed: samples/s, data wait
+                    self._bar.update()
+            finally:
+                self.pace.finish()
 
     def valid_batches(self) -> Iterable:
         """The validation data, its workers started shielded from stop signals like the training data's."""

@@ -82,10 +82,14 @@ def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
     return run_header(title, rows)
 
 
-def epoch_line(epoch: int, epochs: int, log: dict[str, float], seconds: float, improved: bool) -> str:
-    """`epoch 3/10  loss 0.2311  val_loss 0.1021  lr 0.001  2.3s  *`: 4 significant digits, * = new best."""
-    values = "  ".join(f"{key} {value:.4g}" for key, value in log.items() if key != "epoch")
-    return f"epoch {epoch}/{epochs}  {values}  {seconds:.1f}s{'  *' if improved else ''}"
+def epoch_line(
+    epoch: int, epochs: int, log: dict[str, float], seconds: float, improved: bool, pace: str = ""
+) -> str:
+    """`epoch 3/10  loss 0.2311  val_loss 0.1021  lr 0.001  2.3s  1,234/s data 5%  *`: 4 significant digits,
+    the training pace (samples per second, share waiting for data), * = new best."""
+    values = [f"{key} {value:.4g}" for key, value in log.items() if key != "epoch"]
+    parts = [f"epoch {epoch}/{epochs}", *values, f"{seconds:.1f}s", pace, "*" if improved else ""]
+    return "  ".join(part for part in parts if part)
 
 
 @dataclass(frozen=True)

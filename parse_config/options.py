@@ -225,6 +225,11 @@ TRAINER = {
     "lr_step": Option(choice("epoch", "batch"), "epoch", "step the LR scheduler per epoch or per batch"),
     "deterministic": Option(_boolean, False, "deterministic algorithms, cudnn.benchmark off"),
     "progress_bar": Option(_boolean, True, "tqdm bars (also off when stderr is not a terminal)"),
+    "profile": Option(
+        integer(0),
+        0,
+        "record a torch.profiler trace of N training steps into the log dir's profile/ (0: off)",
+    ),
     "on_nonfinite": Option(
         choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"
     ),
