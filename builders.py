@@ -31,7 +31,7 @@ from parse_config.resolution import close_match
 from parse_config.schedulers import build_schedule
 from parse_config.shapes import Entry, entries, eval_model_name, optimized_models
 from parse_config.validation import needs_trust
-from utils import distributed
+from utils import distributed, fast_defaults
 from utils.checkpoint import load_state_dict_file
 from utils.errors import ConfigError
 from utils.weights import load_matching_weights
@@ -84,6 +84,21 @@ def init_from(models: dict[str, nn.Module], config: Config) -> dict[str, dict[st
                 spec.get("exclude", []),
             )
     return counts
+
+
+def fast_options(
+    options: dict[str, Any], device: torch.device, models: list[nn.Module]
+) -> tuple[dict[str, Any], list[str]]:
+    """The trainer options with `auto` precision and channels_last decided for this device and these models,
+    and the header's list of what `auto` chose and why (utils/fast_defaults.py)."""
+    precision = fast_defaults.choose_precision(options["precision"], device)
+    channels_last = fast_defaults.choose_channels_last(options["channels_last"], device, models)
+    benchmark = fast_defaults.cudnn_benchmark(device, options["deterministic"])
+    choices = {"precision": precision, "channels_last": channels_last, "cudnn.benchmark": benchmark}
+    speed = fast_defaults.described(choices)
+    return {**options, "precision": precision.value, "channels_last": channels_last.value}, [
+        speed
+    ] if speed else []
 
 
 def place_model(model: nn.Module, device: torch.device, options: dict[str, Any]) -> nn.Module:
@@ -149,16 +164,27 @@ def has_test_data(config: Config) -> bool:
 
 
 def build_optimizers(
-    config: Config, models: dict[str, nn.Module], refs: References | None = None
+    config: Config,
+    models: dict[str, nn.Module],
+    refs: References | None = None,
+    device: torch.device | None = None,
+    speed: list[str] | None = None,
 ) -> dict[str, torch.optim.Optimizer]:
     """Every optimizer by name (`optimizer` for a single one), over the trainable parameters of the models
-    (or submodules, or parameter groups) it names."""
-    optimizers = {
-        entry.name: config.build(
-            entry.path, _parameter_groups(config, entry, models), lookup=torch.optim, refs=refs
+    (or submodules, or parameter groups) it names; with fused kernels on CUDA where the optimizer has them
+    (the choice is added to `speed`, the header's list)."""
+    optimizers = {}
+    for entry in entries(config.data, "optimizer"):
+        kernels = fast_defaults.Choice({}, "")
+        if device is not None:
+            optimizer_class = config.resolve(f"{entry.path}.type", entry.node["type"], torch.optim)
+            kernels = fast_defaults.optimizer_kernels(optimizer_class, entry.node.get("args") or {}, device)
+        if kernels.value and speed is not None:
+            speed.append(f"{entry.path} fused ({kernels.reason})")
+        groups = _parameter_groups(config, entry, models)
+        optimizers[entry.name] = config.build(
+            entry.path, groups, lookup=torch.optim, refs=refs, **kernels.value
         )
-        for entry in entries(config.data, "optimizer")
-    }
     if refs is not None:
         refs.add(optimizer=next(iter(optimizers.values())), optimizers=SimpleNamespace(**optimizers))
     return optimizers

@@ -49,12 +49,14 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     refs.add(device=device)
     loader, section = builders.test_data(config, refs)  # the training data too, when a reference reads it
     eval_name, models = eval_model_name(config.data), builders.build_models(config, refs)
+    wanted = {"precision": "32", "channels_last": False, "deterministic": False} | config.trainer
+    options, _ = builders.fast_options(wanted, device, list(models.values()))  # what `auto` is here
+    precision, channels_last = options["precision"], options["channels_last"]
     for name, model in models.items():
         load_model_state(model, model_weights(request.checkpoint, name, eval_name), request.checkpoint_path)
-        models[name] = model.to(device)
+        models[name] = model.to(device, memory_format=torch.channels_last if channels_last else None)
     criteria, metrics = builders.build_losses(config, refs), builders.build_metrics(config, refs)
     criteria = {name: c.to(device) if isinstance(c, torch.nn.Module) else c for name, c in criteria.items()}
-    precision = config.trainer.get("precision", "32")
     check_precision(precision, device)
     if distributed.is_main():
         rows = {
@@ -68,7 +70,7 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     loss_names = trainer_class.logged or ("loss", *getattr(next(iter(criteria.values())), "terms", ()))
     results = trainer_class.evaluate_models(
         models, eval_name, criteria, batches, EpochMetrics(metrics, device, loss_names), device,
-        autocast_for(precision, device), config.trainer.get("channels_last", False),
+        autocast_for(precision, device), channels_last,
     )  # fmt: skip
     if not results:
         section = "test_data_loader" if config["test_data_loader"] else "data_loader"

@@ -53,13 +53,14 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     train_loader, valid_loader = builders.build_data(config, refs)
     models = builders.build_models(config, refs)
     init_counts = builders.init_from(models, config) if request.checkpoint is None else {}
-    check_precision(config.trainer["precision"], device)
-    models = {name: builders.place_model(model, device, config.trainer) for name, model in models.items()}
+    options, speed = builders.fast_options(config.trainer, device, list(models.values()))
+    check_precision(options["precision"], device)
+    models = {name: builders.place_model(model, device, options) for name, model in models.items()}
     losses = {
         name: loss.to(device) if isinstance(loss, torch.nn.Module) else loss
         for name, loss in builders.build_losses(config, refs).items()
     }
-    optimizers = builders.build_optimizers(config, models, refs)
+    optimizers = builders.build_optimizers(config, models, refs, device, speed)
     trainer_class = config.resolve("trainer.type", config.trainer["type"], builders.lookups()["trainer"])
     trainer = trainer_class(
         models,
@@ -68,7 +69,7 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
         optimizers,
         train_loader,
         device=device,
-        options=config.trainer,
+        options=options,
         monitor=parse_monitor(config.trainer["monitor"]),
         valid_data_loader=valid_loader,
         schedules=builders.build_lr_schedules(config, optimizers, train_loader, refs),
@@ -76,6 +77,7 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
         config=config.data,
         eval_model=eval_model_name(config.data),
     )
+    trainer.speed = speed
     if request.checkpoint is not None:
         trainer.restore(request.checkpoint, request.checkpoint_path, config.user_data, request.allow_inexact)
     return trainer, init_counts, refs.resolved
@@ -118,6 +120,7 @@ def start_run(
         run.logs.mkdir(parents=True, exist_ok=True)
         loaders = {"data_loader": trainer.data_loader, "valid_data_loader": trainer.valid_data_loader}
         resolved = {"device": str(trainer.device)}
+        resolved.update({key: trainer.options[key] for key in ("precision", "channels_last")})
         for key, loader in loaders.items():
             if loader is not None:
                 resolved[key] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory}

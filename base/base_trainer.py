@@ -87,6 +87,7 @@ class BaseTrainer:
         self.step = TrainStep.from_options(models, device, options, self.len_epoch, self.eval_name)
         self.batches = BatchStream(data_loader)
         self.pace = Pace(options["profile"])
+        self.speed: list[str] = []  # what `auto` chose for speed, and why: the header's `speed` row
         self.monitor = Monitor(monitor, options["early_stop"])
         loss_names = self.logged or ("loss", *getattr(self.criterion, "terms", ()))
         self.train_metrics = EpochMetrics(metric_ftns, device, loss_names)

@@ -64,6 +64,7 @@ def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
         + (f" of {step.accumulate} batches" if step.accumulate > 1 else ""),
         "device": f"{trainer.device}, precision {options['precision']}; workers {loader.num_workers}, "
         f"pin_memory {str(loader.pin_memory).lower()}",
+        "speed": "; ".join(trainer.speed),
         "model": parameter_counts(trainer.unwrapped_models),
         "monitor": (
             f"{monitor.mode} {monitor.metric} (* marks a new best)"
@@ -74,6 +75,8 @@ def describe_run(trainer: Any, run: Any, title: str, source: str) -> str:
         "log dir": f"{shown_path(run.logs)} (info.log, metrics.csv"
         f"{', TensorBoard' if options['tensorboard'] else ''})",
     }
+    if not trainer.speed:
+        del rows["speed"]
     if distributed.is_distributed():
         rows["processes"] = (
             f"{distributed.world_size()} (DDP) x batch {loader.batch_size} = "

@@ -101,10 +101,10 @@ _PRECISION_ALIASES = {
 
 
 def _precision(value: Any) -> str | None:
-    if str(value) in PRECISIONS and not isinstance(value, bool):
+    if (str(value) in PRECISIONS or value == "auto") and not isinstance(value, bool):
         return None
     hint = _PRECISION_ALIASES.get(str(value).lower())
-    return f"must be one of {', '.join(PRECISIONS)}, not {value!r}" + (
+    return f"must be auto or one of {', '.join(PRECISIONS)}, not {value!r}" + (
         f" (did you mean '{hint}'?)" if hint else ""
     )
 
@@ -167,6 +167,14 @@ def _named_callables(value: Any) -> str | None:
 
 
 _boolean = of_type(bool, "true or false")
+
+
+def _boolean_or_auto(value: Any) -> str | None:
+    return (
+        None if isinstance(value, bool) or value == "auto" else f"must be true, false or auto, not {value!r}"
+    )
+
+
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 TOP_LEVEL = {
     "name": Option(
@@ -234,7 +242,9 @@ TRAINER = {
         choice("stop", "skip"), "stop", "a nan/inf loss stops the run, or skips that step"
     ),
     "precision": Option(
-        _precision, "32", "32, bf16-mixed or 16-mixed (autocast; 16-mixed adds a GradScaler)"
+        _precision,
+        "auto",
+        "auto (bf16-mixed on a GPU with bfloat16, else 32), 32, bf16-mixed or 16-mixed (adds a GradScaler)",
     ),
     "accumulate_grad_batches": Option(integer(1), 1, "batches per optimizer step (gradient accumulation)"),
     "clip_grad_norm": Option(optional(number(0)), None, "clip the total gradient norm to this (null: off)"),
@@ -245,7 +255,9 @@ TRAINER = {
     "compile": Option(
         _compile, False, "torch.compile the model: true, or its arguments {mode, fullgraph, ...}"
     ),
-    "channels_last": Option(_boolean, False, "channels_last memory format for the model and image batches"),
+    "channels_last": Option(
+        _boolean_or_auto, "auto", "channels_last model and image batches (auto: convolutional models on CUDA)"
+    ),
     "sync_batchnorm": Option(
         _boolean, False, "under DDP, BatchNorm statistics over all processes (SyncBatchNorm)"
     ),

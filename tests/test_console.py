@@ -79,12 +79,13 @@ def test_header_and_summary(tmp_path, capsys):
     config = tiny_config(tmp_path, epochs=2)
     assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "h"]) == 0
     out = capsys.readouterr().out.splitlines()
-    header = out[out.index("Run tiny/h"):][:9]
+    header = out[out.index("Run tiny/h"):][:10]
     assert header[1:] == [
         f"  config   {tmp_path}/config.yaml",
         "  data     train 256 samples in 8 batches of 32; valid 64 samples in 2 batches of 32",
         "  length   2 epochs x 8 steps = 16 optimizer steps",
         "  device   cpu, precision 32; workers 0, pin_memory false",
+        "  speed    precision 32, channels_last off (auto: fastest on the CPU)",
         "  model    MnistModel, 21,840 parameters (21,840 trainable)",
         "  monitor  min val_loss (* marks a new best)",
         "  run dir  saved/models/tiny/h",

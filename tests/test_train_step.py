@@ -187,8 +187,8 @@ def test_a_compile_failure_is_one_line_naming_the_option(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("fp16", "must be one of 32, bf16-mixed, 16-mixed, not 'fp16' (did you mean '16-mixed'?)"),
-    ("bf16", "must be one of 32, bf16-mixed, 16-mixed, not 'bf16' (did you mean 'bf16-mixed'?)"),
+    ("fp16", "must be auto or one of 32, bf16-mixed, 16-mixed, not 'fp16' (did you mean '16-mixed'?)"),
+    ("bf16", "must be auto or one of 32, bf16-mixed, 16-mixed, not 'bf16' (did you mean 'bf16-mixed'?)"),
 ])
 def test_precision_misspellings_get_a_did_you_mean(tmp_path, capsys, value, expected):
     path = write_config(tmp_path, _config(tmp_path))
