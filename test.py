@@ -8,6 +8,7 @@ evaluated is the trainer class's `evaluate_models` (the evaluation model's loss 
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,6 +25,28 @@ def lookups() -> dict[str, Any]:
     import builders
 
     return builders.lookups()
+
+
+def _flags(parser: Any) -> None:
+    parser.add_argument(
+        "--onnx", help="evaluate this exported ONNX file (export.py) instead; -r defaults to its checkpoint"
+    )
+
+
+def with_onnx_source(argv: list[str] | None) -> list[str]:
+    """The command line with `-r` set to the checkpoint an --onnx file was exported from (its export.json),
+    when no -r is given: the config and test data come from there."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--onnx" not in args or {"-r", "--resume"} & set(args) or args.index("--onnx") + 1 >= len(args):
+        return args
+    manifest = Path(args[args.index("--onnx") + 1]).parent / "export.json"
+    try:
+        source = json.loads(manifest.read_text())["checkpoint"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            "--onnx: no export.json beside it to name its checkpoint; give -r CHECKPOINT"
+        ) from None
+    return [*args, "-r", source]
 
 
 def evaluate(config: Config, request: Request) -> dict[str, float]:
@@ -55,6 +78,11 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     for name, model in models.items():
         load_model_state(model, model_weights(request.checkpoint, name, eval_name), request.checkpoint_path)
         models[name] = model.to(device, memory_format=torch.channels_last if channels_last else None)
+    onnx_file = request.extra.get("onnx")
+    if onnx_file:  # the exported file in place of the evaluation model: its accuracy, not only its outputs
+        from base.exporting import OnnxModel
+
+        models[eval_name] = OnnxModel(Path(onnx_file))
     criteria, metrics = builders.build_losses(config, refs), builders.build_metrics(config, refs)
     criteria = {name: c.to(device) if isinstance(c, torch.nn.Module) else c for name, c in criteria.items()}
     check_precision(precision, device)
@@ -64,6 +92,8 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
             "data": f"{section}: {describe_data('test', loader)}",
             "device": f"{device}, precision {precision}",
         }
+        if onnx_file:
+            rows["model"] = f"{onnx_file} through ONNX Runtime (in place of the checkpoint's {eval_name})"
         print(run_header(f"Test {config['name']}: {shown_path(request.checkpoint_path)}", rows))
     trainer_class = config.resolve("trainer.type", config.trainer["type"], builders.lookups()["trainer"])
     batches = tqdm(loader, desc="test", leave=False, disable=not sys.stderr.isatty())
@@ -86,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     early = buffer_early_records()  # warnings (a damaged optimizer part, a device fallback) go to stderr
     try:
         config, request = parse_args(
-            argv,
+            with_onnx_source(argv),
             lookups,
             "Evaluate a checkpoint on test data.",
             project_options.PROJECT_OPTIONS,
             evaluating=True,
+            extra=_flags,
         )
         if request.checkpoint is None:
             raise ConfigError(
@@ -118,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.env_rank() == 0:  # every rank computed the same all-reduced results
         for key, value in results.items():
             print(f"    {key:15s}: {value:.6g}")
-        output = request.checkpoint_path.with_name(request.checkpoint_path.stem + ".test.json")
-        output.write_text(
-            json.dumps({"checkpoint": str(request.checkpoint_path), **results}, indent=2) + "\n"
-        )
+        evaluated = Path(request.extra["onnx"]) if request.extra.get("onnx") else request.checkpoint_path
+        output = evaluated.with_name(evaluated.stem + ".test.json")
+        source = {"checkpoint": str(request.checkpoint_path)}
+        source.update({"onnx": str(evaluated)} if evaluated != request.checkpoint_path else {})
+        output.write_text(json.dumps({**source, **results}, indent=2) + "\n")
         print(f"Results written to {output}")
     return 0
 

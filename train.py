@@ -170,6 +170,29 @@ def log_summary(config: Config, trainer: Any, run: Any, commands: Any) -> None:
         config.trainer["tensorboard"], commands, builders.has_test_data(config),
     )  # fmt: skip
     logger.info("%s", summary)
+    exporter = trainer.checkpointer.exporter
+    if exporter is not None:
+        best = run.checkpoints / "model_best.pth"
+        logger.info("  export    %s", exporter.finish(best, run.checkpoints / "checkpoint-last.pth"))
+
+
+def check_export(config: Config) -> None:
+    """The `export:` block's ONNX format needs its optional packages: say so before anything is written."""
+    import importlib.util
+
+    if config["export"] and config["export"].get("format", "both") in ("onnx", "both"):
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    config.located("export.format", f'ONNX needs {package}: pip install -e ".[export]"')
+                )
+
+
+def export_job(config: Config, commands: "Commands") -> Any:
+    from base.export_job import ExportJob
+
+    block = config["export"]
+    return ExportJob(block.get("format", "both"), block.get("when", "best"), commands.flags.split())
 
 
 def nothing_to_train(trainer: "BaseTrainer", resumed_from: Path, commands: "Commands") -> str | None:
@@ -219,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(done)
             return 0
         rehearse(config, trainer)  # one real batch through the run's code; still nothing written
+        check_export(config)
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)
+        if config["export"] and distributed.is_main():
+            trainer.checkpointer.exporter = export_job(config, commands)
         trainer.fit(run, commands)
         log_summary(config, trainer, run, commands)
     except ConfigError as error:

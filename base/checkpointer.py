@@ -165,6 +165,7 @@ class Checkpointer:
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
         self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
         self._newest: tuple[Path, tuple[int, int, int]] | None = None  # the last epoch file, and its progress
+        self.exporter: Any = None  # the config's `export:` block (base/export_job.py), told of each new best
         # under DDP every rank builds the state (it gathers), rank 0 writes
         self.writes = distributed.is_main()
 
@@ -200,6 +201,8 @@ class Checkpointer:
         if improved:  # the same bytes: a second name for the epoch file rather than a second serialization
             link_or_save(path, state, self.run_dir / BEST)
             logger.info("Saved %s (best so far)", self.run_dir / BEST, extra=FILE_ONLY)
+            if self.exporter is not None:
+                self.exporter.best_saved(self.run_dir / BEST)
         if path is not None:
             self._prune()
 

@@ -114,6 +114,10 @@ class Commands:
     def evaluate(self, path: Path) -> str:
         return f"{self.test} --resume {quoted(path)}{self.flags}"
 
+    def export(self, path: Path) -> str:
+        """export.py, which runs as one process whatever the launcher of the run."""
+        return f"python export.py --resume {quoted(path)}{self.flags}"
+
     def train_longer(self, run_dir: Path, weights: Path, epochs: int) -> str:
         if self.fixed is None:
             return self.resume(run_dir, f"trainer.epochs={epochs}")
@@ -156,6 +160,7 @@ def run_summary(
     if not has_test_data:
         test += " -c test.yaml  (this config has no test data: give test.yaml a test_data_loader section)"
     lines.append(f"  test      {test}")
+    lines.append(f"  deploy    {commands.export(evaluated)}")
     curves = f"tensorboard --logdir {quoted(log_dir.parent)}" if tensorboard else "(TensorBoard is off)"
     lines.append(f"  curves    {curves}; every scalar is also in {shown_path(log_dir / 'metrics.csv')}")
     lines.append(f"  continue  {commands.train_longer(run_dir, evaluated, 2 * epochs_done)}")

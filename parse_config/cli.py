@@ -36,6 +36,7 @@ class Request:
     checkpoint_path: Path | None = None
     checkpoint: dict | None = None
     notices: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # an entry script's own flags (export.py's --format)
 
 
 def _options_help(project: dict[str, Option]) -> str:
@@ -50,7 +51,10 @@ def _options_help(project: dict[str, Option]) -> str:
 
 
 def make_arg_parser(
-    description: str, project: dict[str, Option] | None = None, evaluating: bool = False
+    description: str,
+    project: dict[str, Option] | None = None,
+    evaluating: bool = False,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.ArgumentParser:
     """train.py's command line, or test.py's (`evaluating`): a checkpoint to evaluate, no training flags."""
     epilog = (
@@ -85,6 +89,8 @@ def make_arg_parser(
             action="store_true",
             help="resume from a checkpoint whose RNG or data-order state is missing or damaged (logged)",
         )
+    if extra is not None:
+        extra(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. trainer.epochs=5")
     parser.set_defaults(run_id=None, lr=None, bs=None, allow_inexact_resume=False)
     return parser
@@ -105,13 +111,16 @@ def parse_args(
     description: str = "",
     project: dict[str, Option] | None = None,
     evaluating: bool = False,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[Config, Request]:
     """Command line -> (validated Config, Request), or ConfigError naming the file, key path and fix.
     `lookups` (or a function returning them) says where short type names are found; `evaluating` is
-    test.py's command line, where a run directory means its best checkpoint."""
+    test.py's command line, where a run directory means its best checkpoint; `extra` adds an entry script's
+    own flags, whose values come back in `Request.extra`."""
     project = project or {}
     # flags and overrides in any order
-    args = make_arg_parser(description, project, evaluating).parse_intermixed_args(argv)
+    parser = make_arg_parser(description, project, evaluating, extra)
+    args = parser.parse_intermixed_args(argv)
     if not args.config and not args.resume:
         raise ConfigError("give a config file with -c FILE, or a checkpoint to resume with -r CHECKPOINT")
     from utils.checkpoint import (
@@ -123,6 +132,10 @@ def parse_args(
     from .validation import untrusted_downloads_off, validate
 
     request = Request("", bool(args.run_id), args.device, args.print_config, args.allow_inexact_resume)
+    if extra is not None:
+        own = make_arg_parser("", project, evaluating)  # the standard flags: the rest are the script's
+        standard = {action.dest for action in own._actions}
+        request.extra = {key: value for key, value in vars(args).items() if key not in standard}
     data, user_data = {}, {}
     if args.resume:
         choose = best_checkpoint if evaluating else newest_intact_checkpoint

@@ -176,6 +176,19 @@ def _boolean_or_auto(value: Any) -> str | None:
 
 
 _section = of_type(dict, "a mapping with 'type' and 'args'")
+EXPORT_FORMATS, EXPORT_WHEN = ("both", "onnx", "pt2"), ("best", "end")
+
+
+def _export(value: Any) -> str | None:
+    if not isinstance(value, dict) or set(value) - {"format", "when"}:
+        return (
+            f"must be a mapping with format ({', '.join(EXPORT_FORMATS)}) and when (best, end), not {value!r}"
+        )
+    if value.get("format", "both") not in EXPORT_FORMATS or value.get("when", "best") not in EXPORT_WHEN:
+        return f"format must be one of {', '.join(EXPORT_FORMATS)} and when best or end, not {value!r}"
+    return None
+
+
 TOP_LEVEL = {
     "name": Option(
         of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"
@@ -208,6 +221,9 @@ TOP_LEVEL = {
         optional(_section), None, "type from torch.optim.lr_scheduler, args, optional monitor"
     ),
     "lr_schedulers": Option(optional(_named_sections), None, "schedulers by the optimizer name they step"),
+    "export": Option(
+        optional(_export), None, "{format: both|onnx|pt2, when: best|end}: export.py in its own process"
+    ),
     "trainer": Option(of_type(dict, "a mapping"), {}, "the trainer options below"),
 }
 WRITTEN_ONLY = ("resolved",)  # config.yaml's record of what `auto` became: ignored when a config is read

@@ -101,7 +101,8 @@ def test_resolved_config_has_every_default(tmp_path):
     assert config["seed"] == 123 and config["metrics"] == [] and config["lr_scheduler"] is None
     assert config.trainer["epochs"] == 10 and config.trainer["monitor"] == "off"
     assert list(config.data) == ["name", "n_gpu", "seed", "imports", "arch", "data_loader", "valid_data_loader",
-                                 "test_data_loader", "optimizer", "loss", "metrics", "lr_scheduler", "trainer"]
+                                 "test_data_loader", "optimizer", "loss", "metrics", "lr_scheduler", "export",
+                                 "trainer"]
 
 
 def test_help_lists_every_option_with_its_default(capsys):

@@ -69,7 +69,7 @@ def test_terminal_shows_clean_lines_at_every_verbosity(tmp_path, verbosity):
         return
     assert [line.split("  ")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(re.search(r"s  [\d,]+/s data \d+%(  \*)?$", line) for line in epoch_lines), epoch_lines
-    assert shown[0] == "Run tiny/tty" and shown[-6].startswith("Done: finished 2 epochs in ")
+    assert shown[0] == "Run tiny/tty" and shown[-7].startswith("Done: finished 2 epochs in ")
     assert not [line for line in shown if "Train epoch" in line], "step lines go to info.log only"
     log = (tmp_path / "saved/log/tiny/tty/info.log").read_text()
     assert "Train epoch 1 [2/8] loss: " in log and "epoch 2/2  lr " in log
@@ -91,13 +91,14 @@ def test_header_and_summary(tmp_path, capsys):
         "  run dir  saved/models/tiny/h",
         "  log dir  saved/log/tiny/h (info.log, metrics.csv)"]
     best = load(run_dir(tmp_path, "h") / "model_best.pth")
-    summary = out[-6:]
+    summary = out[-7:]
     assert summary[0].startswith("Done: finished 2 epochs in ")
     assert summary[1] == (f"  best      val_loss {best['monitor_best']:.4g} at epoch {best['monitor_best_epoch']}: "
                           "saved/models/tiny/h/model_best.pth")
     assert summary[2:] == [
         "  last      saved/models/tiny/h/checkpoint-last.pth",
         "  test      python test.py --resume saved/models/tiny/h/model_best.pth",
+        "  deploy    python export.py --resume saved/models/tiny/h/model_best.pth",
         "  curves    (TensorBoard is off); every scalar is also in saved/log/tiny/h/metrics.csv",
         "  continue  python train.py --resume saved/models/tiny/h trainer.epochs=4"]
 

@@ -15,23 +15,14 @@ from test_train_step import LINEAR_NET
 
 import test as test_script
 import train
-from conftest import ROOT, load, run_dir, tiny_config, write_config
+from conftest import REHEARSING, ROOT, load, run_dir, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 COUNTING_DATASET = '''import os
-import sys
 import time
 import torch
 from torch.utils.data import Dataset
-
-
-def rehearsing():
-    """Whether torchkiln's rehearsal is loading this sample (before the run; not a training read)."""
-    frame = sys._getframe()
-    while frame is not None and not frame.f_code.co_filename.endswith("rehearsal.py"):
-        frame = frame.f_back
-    return frame is not None
-
+''' + REHEARSING + '''
 
 class Counted(Dataset):
     """Gaussian blobs in 784 dimensions; every index served is appended to seen-<pid>.txt."""

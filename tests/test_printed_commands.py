@@ -16,7 +16,7 @@ def _paste(command, tmp_path):
     """Run a printed command in bash from the directory it was printed in (the tests run outside the project
     root, so only the scripts' location is filled in)."""
     command = command.split("  (")[0]  # an explanation in parentheses follows two spaces
-    command = re.sub(r"^python (train|test)\.py", lambda m: f"{sys.executable} {ROOT}/{m[1]}.py", command)
+    command = re.sub(r"^python (train|test|export)\.py", lambda m: f"{sys.executable} {ROOT}/{m[1]}.py", command)
     return subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
@@ -38,13 +38,14 @@ def test_the_summary_commands_run_as_printed(tmp_path, capsys, kind):
         config["trainer"]["save_dir"] = str(tmp_path / "my runs' $HOME")
     assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "run"]) == 0
     out = capsys.readouterr().out
-    test, train_on = _printed(out, "test"), _printed(out, "continue")
+    test, train_on, deploy = _printed(out, "test"), _printed(out, "continue"), _printed(out, "deploy")
     assert ("--trust-checkpoint-config" in test) == (kind == "file-type")
     if kind == "odd-path":
         assert "'" in test and "$HOME" in test
     if kind == "one-cycle":
         assert "arch.init_from.path=" in train_on and "lr_scheduler.args.total_steps=auto" in train_on
-    for command in (test, train_on):
+    assert ("--trust-checkpoint-config" in deploy) == (kind == "file-type")
+    for command in (test, train_on, deploy + " --format pt2"):
         result = _paste(command, tmp_path)
         assert result.returncode == 0, (command, result.stderr)
 
@@ -52,8 +53,8 @@ def test_the_summary_commands_run_as_printed(tmp_path, capsys, kind):
 @pytest.mark.slow
 def test_the_resume_command_after_a_signal_runs_as_printed(tmp_path):
     (tmp_path / "branchy.py").write_text(BRANCHY)
-    (tmp_path / "stop.py").write_text("import os, pathlib, signal\n\n\ndef stop_once(output, target):\n"
-                                      "    if not pathlib.Path('stopped').exists():\n"
+    (tmp_path / "stop.py").write_text("import os, pathlib, signal, torch\n\n\ndef stop_once(output, target):\n"
+                                      "    if torch.is_grad_enabled() and not pathlib.Path('stopped').exists():\n"
                                       "        pathlib.Path('stopped').touch()\n"
                                       "        os.kill(os.getpid(), signal.SIGTERM)\n"
                                       "    return (output.argmax(1) == target).float().mean()\n")

@@ -14,7 +14,7 @@ import torch
 
 import test as test_script
 import train
-from conftest import ROOT, load, run_dir, tiny_config, write_config
+from conftest import REHEARSING, ROOT, load, run_dir, tiny_config, write_config
 from utils.checkpoint import save_checkpoint
 
 
@@ -133,11 +133,13 @@ class Blocking(Dataset):
         return 64
 
     def __getitem__(self, index):
+        if rehearsing():
+            return torch.zeros(1, 28, 28), 0
         (self.folder / "started").touch()
         while not (self.folder / "release").exists():
             time.sleep(0.01)
         return torch.zeros(1, 28, 28), 0
-"""
+""" + REHEARSING
 
 
 def _wait_for(path, process):
@@ -216,13 +218,13 @@ class Gated(Dataset):
         return self.size
 
     def __getitem__(self, index):
-        if index == self.gate and not (self.folder / "go").exists():
+        if index == self.gate and not (self.folder / "go").exists() and not rehearsing():
             (self.folder / "at-gate").touch()
             while not (self.folder / "go").exists():
                 time.sleep(0.01)
         generator = torch.Generator().manual_seed(index)
         return torch.randn(1, 28, 28, generator=generator), index % 10
-"""
+""" + REHEARSING
 
 
 def _gated_config(tmp_path, workers, gate_in):
