@@ -142,3 +142,49 @@ def test_the_export_block_exports_the_best_checkpoint_and_leaves_the_run_bit_ide
     manifest = json.loads((exported / "export/export.json").read_text())
     assert manifest["checkpoint"]["path"] == str(exported / "model_best.pth")
     assert all(check["passed"] for check in manifest["checks"]) and len(manifest["checks"]) == 2
+
+
+IMAGES = """import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    def __init__(self, size=96, training=True):
+        generator = torch.Generator().manual_seed(1 if training else 2)
+        self.images = torch.randn(size, 3, 32, 32, generator=generator) * 2 + 1  # far from BatchNorm's init
+        self.labels = torch.randint(0, 10, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+"""
+
+
+@pytest.mark.slow
+def test_a_resnet18_is_exported_with_its_running_batchnorm_statistics(tmp_path, capsys):
+    (tmp_path / "images.py").write_text(IMAGES)
+    config = tiny_config(tmp_path, epochs=1)
+    config.update(arch={"type": "torchvision.models.resnet18", "args": {"num_classes": 10}},
+                  data_loader={"type": f"{tmp_path}/images.py:Images", "args": {"batch_size": 16, "num_workers": 0,
+                                                                                 "validation_split": 32}},
+                  loss="CrossEntropyLoss", metrics=[])
+    config["lr_scheduler"] = None
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "resnet"]) == 0
+    run = run_dir(tmp_path, "resnet")
+    assert export.main(["-r", str(run), "--trust-checkpoint-config"]) == 0
+    assert "verified" in capsys.readouterr().out
+    manifest = json.loads((run / "export/export.json").read_text())
+    assert all(check["passed"] for check in manifest["checks"]) and manifest["inputs"][0]["shape"] == [
+        "batch", 3, 32, 32]
+    import torchvision
+    eager = torchvision.models.resnet18(num_classes=10)
+    eager.load_state_dict(load(run / "model_best.pth")["state_dict"])
+    assert eager.bn1.running_mean.abs().sum() > 0, "training moved the running statistics"
+    one = torch.randn(1, 3, 32, 32) * 2 + 1
+    exported = torch.export.load(str(run / "export/model.pt2")).module()(one)[0]
+    assert torch.allclose(exported, eager.eval()(one), atol=1e-4), "a batch of one: eval-mode BatchNorm"
+    two = torch.randn(2, 3, 32, 32) * 2 + 1
+    assert not torch.allclose(torch.export.load(str(run / "export/model.pt2")).module()(two)[0],
+                              eager.train()(two), atol=1e-3), "not batch statistics"
