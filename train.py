@@ -159,21 +159,96 @@ def log_start(
         )
 
 
-def log_summary(config: Config, trainer: Any, run: Any, commands: Any) -> None:
+def log_summary(config: Config, trainer: Any, run: Any, commands: Any, request: Request) -> None:
     """Elapsed time, the best epoch and where things are, with the commands to run next."""
     import builders
     from logger.report import run_summary
 
     stopped_early, monitor = trainer.monitor.should_stop, trainer.monitor
+    start = request.checkpoint
+    resumed_at = (start["epoch"] + 1, start.get("batches_in_epoch", 0)) if start is not None else None
     summary = run_summary(
         trainer.elapsed, trainer.progress.epoch, stopped_early, monitor, run.checkpoints, run.logs,
-        config.trainer["tensorboard"], commands, builders.has_test_data(config),
+        config.trainer["tensorboard"], commands, builders.has_test_data(config), resumed_at,
     )  # fmt: skip
     logger.info("%s", summary)
     exporter = trainer.checkpointer.exporter
     if exporter is not None:
         best = run.checkpoints / "model_best.pth"
         logger.info("  export    %s", exporter.finish(best, run.checkpoints / "checkpoint-last.pth"))
+
+
+def fast_dev_run(config: Config, request: Request, early: Any) -> int:
+    """The check before a long run: N training and validation batches, a save, a resume from it and a test
+    pass, in a temporary run directory that is removed; one line per stage. The run is the config's with 2
+    epochs of N batches (a schedule fixed to the run's length is sized for that); epoch 1 trains, is saved,
+    and epoch 2 trains in a second trainer resumed from the checkpoint."""
+    import dataclasses
+    import tempfile
+    import time
+
+    import builders
+    from utils.checkpoint import load_checkpoint
+
+    started, batches = time.monotonic(), request.fast_dev_run
+    with tempfile.TemporaryDirectory(prefix="torchkiln-fast-dev-run-") as directory:
+        quiet = {"save_dir": directory, "epochs": 2, "len_epoch": batches, "save_period": 1, "verbosity": 0,
+                 "progress_bar": False, "early_stop": 0, "save_every_steps": 0}  # fmt: skip
+        data = {**config.data, "export": None, "trainer": {**config.trainer, **quiet}}
+        config = dataclasses.replace(config, data=data)
+        print(f"fast dev run: {batches} batches per stage, in {directory} (removed afterwards)")
+        trainer, run = _dev_trainer(config, request, early, batches)
+        trainer.epochs = 1
+        trainer.fit(run, builders.commands_for(config, project_options.PROJECT_OPTIONS))
+        _stage("train", f"{trainer.len_epoch} batches, loss {trainer.train_metrics.result()['loss']:.4g}")
+        validated = trainer.valid_metrics.result()
+        _stage("validate", f"{len(trainer.valid_data_loader)} batches, loss {validated['loss']:.4g}"
+               if validated else "no validation data")  # fmt: skip
+        last = run.checkpoints / "checkpoint-last.pth"
+        _stage("save", f"{last.name}, {last.stat().st_size / 1024:,.0f} KiB")
+        run.release()
+        again = dataclasses.replace(request, checkpoint_path=last, checkpoint=load_checkpoint(last))
+        trainer, run = _dev_trainer(config, again, early, batches)
+        trainer.fit(run)
+        _stage("resume", f"epoch 2 from {last.name}: {trainer.len_epoch} batches, step {trainer.global_step}")
+        run.release()
+        _stage("test", _test_pass(config, trainer, batches))
+    print(f"fast dev run passed in {time.monotonic() - started:.1f} s: the config runs end to end")
+    return 0
+
+
+def _dev_trainer(config: Config, request: Request, early: Any, batches: int) -> tuple[Any, Any]:
+    from base.base_data_loader import FirstBatches
+
+    trainer, _, references = build_trainer(config, request)
+    if trainer.valid_data_loader is not None:
+        trainer.valid_data_loader = FirstBatches(trainer.valid_data_loader, batches)
+    return trainer, start_run(config, request, trainer, references, early)
+
+
+def _test_pass(config: Config, trainer: Any, batches: int) -> str:
+    """test.py's evaluation on the first batches of the test data, with the resumed run's models."""
+    import builders
+    from base.base_data_loader import FirstBatches
+    from utils.metrics import EpochMetrics
+
+    if not builders.has_test_data(config):
+        return "skipped: no test data (a test_data_loader section)"
+    loader, section = builders.test_data(config)
+    metrics = EpochMetrics(
+        trainer.metric_ftns, trainer.device, tuple(trainer.valid_metrics.loss_names), False
+    )
+    results = type(trainer).evaluate_models(
+        trainer.unwrapped_models, trainer.eval_name, trainer.criteria, FirstBatches(loader, batches), metrics,
+        trainer.device, trainer.step.autocast, trainer.options["channels_last"],
+    )  # fmt: skip
+    shown = ", ".join(f"{key} {value:.4g}" for key, value in results.items())
+    return f"{min(batches, len(loader))} batches of {section}: {shown}"
+
+
+def _stage(name: str, outcome: str) -> None:
+    if distributed.is_main():
+        print(f"  {name:<9} ok: {outcome}", flush=True)
 
 
 def check_export(config: Config) -> None:
@@ -242,13 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(done)
             return 0
         rehearse(config, trainer)  # one real batch through the run's code; still nothing written
+        if request.fast_dev_run:
+            return fast_dev_run(config, request, early)
         check_export(config)
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)
         if config["export"] and distributed.is_main():
             trainer.checkpointer.exporter = export_job(config, commands)
         trainer.fit(run, commands)
-        log_summary(config, trainer, run, commands)
+        log_summary(config, trainer, run, commands, request)
     except ConfigError as error:
         if distributed.env_rank() == 0:  # every rank finds the same error: say it once
             print(f"error: {error}", file=sys.stderr)

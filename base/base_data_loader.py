@@ -267,3 +267,23 @@ class BatchStream:
         self.resume_samples = None
         self._pass_rng = state.get("pass_rng")
         self._iterator = None
+
+
+class FirstBatches:
+    """The first `count` batches of a loader, as an iterable with a length: a dry run's validation and test
+    passes (train.py --fast-dev-run)."""
+
+    def __init__(self, loader: Any, count: int):
+        self.loader, self.count = loader, count
+        self.dataset, self.batch_size = loader.dataset, getattr(loader, "batch_size", None)
+        self.num_workers, self.pin_memory = loader.num_workers, loader.pin_memory
+        self.persistent_workers = getattr(loader, "persistent_workers", False)
+
+    def __iter__(self) -> Iterator:
+        for index, batch in enumerate(self.loader):
+            if index >= self.count:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.loader))

@@ -181,7 +181,9 @@ class BaseTrainer:
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train and validate one epoch, then log it, step the scheduler and save what is due."""
         started = time.monotonic()
-        log = {"epoch": epoch, **self.learning_rates(), **self._train_epoch(epoch)}
+        if self.progress.batches_in_epoch == 0 or not self.progress.epoch_lrs:  # else resumed inside it
+            self.progress.epoch_lrs = self.learning_rates()
+        log = {"epoch": epoch, **self.progress.epoch_lrs, **self._train_epoch(epoch)}
         if self.valid_data_loader is not None:
             log.update({f"val_{k}": v for k, v in self._valid_epoch(epoch).items()})
         self._raise_if_nonfinite(epoch)

@@ -9,9 +9,10 @@ pytorch-template's meaning). Two models are two named entries, not a second code
 
 import logging
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -52,13 +53,17 @@ class Progress:
     batches_in_epoch: int = 0
     global_step: int = 0
     skipped_steps: int = 0
+    epoch_lrs: dict = dataclass_field(default_factory=dict)  # at the epoch's start: its line after a resume
+
+    COUNTERS: ClassVar[tuple[str, ...]] = ("epoch", "batches_in_epoch", "global_step", "skipped_steps")
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for field in fields(self):
-            setattr(self, field.name, state[field.name])
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
+        self.epoch_lrs = dict(state.get("epoch_lrs") or {})  # absent from checkpoints before 0.1
 
 
 class RngStreams:
@@ -248,7 +253,7 @@ class Checkpointer:
                 f"resume; start a run from its weights with arch.init_from.path={source}"
             )
         optimizers = [key for key, part in self.parts.items() if isinstance(part, torch.optim.Optimizer)]
-        counters = tuple(field.name for field in fields(Progress))
+        counters = Progress.COUNTERS
         check_fields(checkpoint, source, allow_inexact, tuple(optimizers), counters)
         previous = checkpoint.get(CONFIG) or {}
         tuned = {key: _tuned(key) for key in self.parts if _tuned(key)}

@@ -7,6 +7,7 @@ line, so that `--help` answers at once.
 import argparse
 import copy
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ class Request:
     device_ids: str | None = None
     print_only: bool = False
     allow_inexact: bool = False
+    fast_dev_run: int | None = None  # batches per stage of a dry run (train.py --fast-dev-run)
     checkpoint_path: Path | None = None
     checkpoint: dict | None = None
     notices: list[str] = field(default_factory=list)
@@ -75,6 +77,15 @@ def make_arg_parser(
         parser.add_argument(
             "--run-id", help="run directory name (default: a timestamp; on resume, the resumed run)"
         )
+        parser.add_argument(
+            "--fast-dev-run",
+            nargs="?",
+            const=2,
+            type=int,
+            metavar="N",
+            help="check the config end to end before a long run: N (2) training and validation batches, a "
+            "save, a resume from it and a test pass, in a temporary run directory that is removed",
+        )
         parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
         parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -92,7 +103,7 @@ def make_arg_parser(
     if extra is not None:
         extra(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. trainer.epochs=5")
-    parser.set_defaults(run_id=None, lr=None, bs=None, allow_inexact_resume=False)
+    parser.set_defaults(run_id=None, lr=None, bs=None, allow_inexact_resume=False, fast_dev_run=None)
     return parser
 
 
@@ -103,6 +114,16 @@ def _check_path_name(value: str) -> str | None:
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
         return f"'{value}' may not contain path separators or '..'; use a plain name such as 'mnist_1'"
     return None
+
+
+def _bare_fast_dev_run(argv: list[str]) -> list[str]:
+    """`--fast-dev-run` then an override rather than a count: argparse would read the override as N."""
+    argv = list(argv)
+    for index, token in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if token == "--fast-dev-run" and not following.isdigit():
+            argv[index] = "--fast-dev-run=2"
+    return argv
 
 
 def parse_args(
@@ -120,7 +141,7 @@ def parse_args(
     project = project or {}
     # flags and overrides in any order
     parser = make_arg_parser(description, project, evaluating, extra)
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(_bare_fast_dev_run(sys.argv[1:] if argv is None else argv))
     if not args.config and not args.resume:
         raise ConfigError("give a config file with -c FILE, or a checkpoint to resume with -r CHECKPOINT")
     from utils.checkpoint import (
@@ -132,6 +153,9 @@ def parse_args(
     from .validation import untrusted_downloads_off, validate
 
     request = Request("", bool(args.run_id), args.device, args.print_config, args.allow_inexact_resume)
+    if args.fast_dev_run is not None and args.fast_dev_run < 1:
+        raise ConfigError(f"--fast-dev-run: {args.fast_dev_run} batches; give 1 or more")
+    request.fast_dev_run = args.fast_dev_run
     if extra is not None:
         own = make_arg_parser("", project, evaluating)  # the standard flags: the rest are the script's
         standard = {action.dest for action in own._actions}

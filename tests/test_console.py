@@ -153,11 +153,11 @@ def test_info_log_holds_early_warnings_and_the_traceback_of_a_crash(tmp_path):
                                        "    if torch.is_grad_enabled():  # in training, past the rehearsal\n"
                                        "        raise RuntimeError('metric exploded')\n    return 0.0\n")
     config = tiny_config(tmp_path, epochs=1)
-    config["n_gpu"] = 1
+    config["n_gpu"] = 2  # more than this machine has: a warning (one asked on a machine with none is quiet)
     path = write_config(tmp_path, config)
     assert train.main(["-c", str(path), "--run-id", "c", f"metrics=[{tmp_path}/crash.py:broken]"]) == 1
     log = (tmp_path / "saved/log/tiny/c/info.log").read_text()
-    assert "utils.device - WARNING - n_gpu is 1 but 0 GPU(s) are available here; training on the CPU" in log
+    assert "utils.device - WARNING - n_gpu is 2 but 0 GPU(s) are available here; training on the CPU" in log
     assert "ERROR - The run crashed\nTraceback (most recent call last):" in log
     assert "RuntimeError: metric exploded" in log
 

@@ -13,9 +13,12 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
-    """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not. Under
-    torchrun each process uses the GPU of its LOCAL_RANK."""
+    """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not; `n_gpu: 1`
+    on a machine without one is the CPU, quietly. Under torchrun each process uses the GPU of its
+    LOCAL_RANK."""
     available = torch.cuda.device_count()
+    if n_gpu == 1 and available == 0:  # the shipped configs' default on a machine without a GPU: the header
+        return torch.device("cpu"), []  # says `device cpu`; a warning on every command would be noise
     if n_gpu > available:
         logger.warning(
             "n_gpu is %d but %d GPU(s) are available here; training on %s",
