@@ -7,6 +7,7 @@ The composition root, and only that: parse -> build (reading files only, so bad 
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,6 +227,41 @@ def _dev_trainer(config: Config, request: Request, early: Any, batches: int) -> 
     return trainer, start_run(config, request, trainer, references, early)
 
 
+def find_lr(config: Config, request: Request, trainer: Any, references: dict, early: Any) -> int:
+    """The learning-rate range test on copies of the model and optimizer; its curve goes into the run's log
+    directory, and the suggested rate is printed with the override that uses it."""
+    from base.lr_finder import range_test, suggestion, write_curve
+    from parse_config.shapes import entries
+
+    if trainer.optimizer is None or len(trainer.models) > 1 or trainer.criterion is None:
+        raise ConfigError(f"{config.source}: --find-lr tests one model with one optimizer and one loss")
+    if distributed.is_distributed():
+        raise ConfigError("--find-lr runs in one process: python train.py ... --find-lr, not under torchrun")
+    run = start_run(config, request, trainer, references, early)
+    try:
+        model, optimizer, loss = trainer.unwrapped_model, trainer.optimizer, trainer.criterion
+        lrs, losses = range_test(
+            model, optimizer, loss, trainer.data_loader, trainer.device,
+            autocast=trainer.step.autocast, channels_last=trainer.options["channels_last"],
+        )  # fmt: skip
+        suggested = suggestion(lrs, losses)
+        files = write_curve(lrs, losses, suggested, run.logs)
+    finally:
+        run.release()
+    schedules = [e.node.get("type", "") for e in entries(config.data, "scheduler")]
+    key = "lr_scheduler.args.max_lr" if any(t.endswith(("OneCycleLR", "CyclicLR")) for t in schedules) else (
+        "optimizer.args.lr")  # fmt: skip
+    print(f"LR range test: {len(lrs)} steps from {lrs[0]:.0e} to {lrs[-1]:.1e} on copies of the model and "
+          "optimizer (the run's state is untouched)")  # fmt: skip
+    if suggested is None:
+        print("  no suggestion: the loss diverged within the first steps; lower the range's start")
+    else:
+        print(f"  suggested lr {suggested:.2e}, where the smoothed loss falls fastest")
+        print(f"  to use it:  python train.py -c {shlex.quote(config.source)} {key}={suggested:.2g}")
+    print(f"  curve:      {', '.join(str(path) for path in files)}")
+    return 0
+
+
 def _test_pass(config: Config, trainer: Any, batches: int) -> str:
     """test.py's evaluation on the first batches of the test data, with the resumed run's models."""
     import builders
@@ -319,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         rehearse(config, trainer)  # one real batch through the run's code; still nothing written
         if request.fast_dev_run:
             return fast_dev_run(config, request, early)
+        if request.find_lr:
+            return find_lr(config, request, trainer, references, early)
         check_export(config)
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts)

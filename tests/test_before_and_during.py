@@ -61,3 +61,41 @@ def test_one_gpu_asked_on_a_machine_without_one_is_quiet(tmp_path, capsys):
     assert train.main(["-c", str(write_config(tmp_path, config))]) == 0
     captured = capsys.readouterr()
     assert "GPU" not in captured.out + captured.err and "  device   cpu" in captured.out
+
+
+def test_the_lr_range_test_suggests_a_sensible_rate_and_leaves_the_run_untouched(tmp_path):
+    import copy
+
+    import torch
+
+    from base.lr_finder import range_test, suggestion, write_curve
+    from conftest import DATA_DIR, ROOT
+    from parse_config import parse_args
+    from utils.seeding import rng_state
+
+    config, request = parse_args(["-c", str(ROOT / "configs/mnist.yaml"), f"trainer.save_dir={tmp_path}",
+                                  f"data_loader.args.data_dir={DATA_DIR}"], train.lookups())
+    trainer, _, _ = train.build_trainer(config, request)
+    weights, moments = copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict())
+    rngs = rng_state()
+    lrs, losses = range_test(trainer.model, trainer.optimizer, trainer.criterion, trainer.data_loader,
+                             trainer.device)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.optimizer.state_dict() == moments, "its lr and moments as the schedule left them"
+    assert torch.equal(rng_state()["torch"], rngs["torch"]) and rng_state()["python"] == rngs["python"]
+    suggested = suggestion(lrs, losses)
+    assert 1e-3 <= suggested <= 1e-1, suggested  # MNIST's LeNet trains well with Adam from ~1e-3 to ~3e-2
+    files = write_curve(lrs, losses, suggested, tmp_path / "curve")
+    assert [path.name for path in files] == ["lr_find.csv", "lr_find.png"]
+    assert files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_find_lr_prints_the_suggestion_and_the_override_that_uses_it(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    config["lr_scheduler"] = None
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--find-lr", "--run-id", "lr"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"  suggested lr [\d.]+e-0\d, where the smoothed loss falls fastest", out), out
+    assert re.search(rf"  to use it:  python train.py -c {tmp_path}/config.yaml optimizer.args.lr=[\d.e-]+\n", out)
+    assert (tmp_path / "saved/log/tiny/lr/lr_find.png").is_file()
+    assert not list(run_dir(tmp_path, "lr").glob("*.pth")), "nothing trained"
