@@ -84,7 +84,7 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     return trainer, init_counts, refs.resolved
 
 
-def rehearse(config: Config, trainer: Any) -> None:
+def rehearse(config: Config, trainer: Any) -> str | None:
     """Pass one real batch through the run before anything is written; a failure that a config value explains
     is a ConfigError naming it, one in the user's code keeps its frames. Under DDP the failing rank says
     why, and the others stop with it."""
@@ -94,7 +94,7 @@ def rehearse(config: Config, trainer: Any) -> None:
     from parse_config.blame import explain_rehearsal
 
     try:
-        rehearse_batches(trainer)
+        return rehearse_batches(trainer, config.trainer["summary_depth"])
     except RehearsalFailure as failure:
         explained = explain_rehearsal(config, failure, builders.lookups())
         if isinstance(explained, ConfigError) and distributed.env_rank() != 0:
@@ -134,13 +134,21 @@ def start_run(
 
 
 def log_start(
-    config: Config, request: Request, trainer: Any, run: Any, init_counts: dict[str, dict[str, int]]
+    config: Config,
+    request: Request,
+    trainer: Any,
+    run: Any,
+    init_counts: dict[str, dict[str, int]],
+    layers: str | None = None,
 ) -> None:
+    """The header, the model's layer table (info.log; the console too with --summary) and notices."""
     from logger.report import describe_run
 
     for notice in request.notices:
         logger.warning("%s", notice)
-    logger.info("%s", trainer.unwrapped_model, extra=FILE_ONLY)
+    logger.info(
+        "%s", layers or trainer.unwrapped_model, extra={} if request.summary and layers else FILE_ONLY
+    )
     logger.info("%s", describe_run(trainer, run, f"Run {config['name']}/{run.run_id}", config.source))
     if not trainer.batches.exact:
         logger.info(
@@ -352,14 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():
                 print(done)
             return 0
-        rehearse(config, trainer)  # one real batch through the run's code; still nothing written
+        layers = rehearse(config, trainer)  # one real batch through the run's code; still nothing written
         if request.fast_dev_run:
             return fast_dev_run(config, request, early)
         if request.find_lr:
             return find_lr(config, request, trainer, references, early)
         check_export(config)
         run = start_run(config, request, trainer, references, early)
-        log_start(config, request, trainer, run, init_counts)
+        log_start(config, request, trainer, run, init_counts, layers)
         if config["export"] and distributed.is_main():
             trainer.checkpointer.exporter = export_job(config, commands)
         trainer.fit(run, commands)

@@ -22,6 +22,8 @@ from utils.errors import ConfigError
 from utils.metrics import EpochMetrics, is_stateful
 from utils.seeding import rng_state, set_rng_state
 
+from .model_summary import LayerTable
+
 
 class RehearsalFailure(Exception):
     """Where the rehearsal failed: `stage` is "sample" (loading one sample: the dataset and its transforms),
@@ -41,22 +43,29 @@ class RehearsalElsewhere(ConfigError):
     """Another rank's rehearsal failed (that rank says why); this one stops with it, exit 2."""
 
 
-def rehearse(trainer: Any) -> None:
+def rehearse(trainer: Any, summary_depth: int = 0) -> str | None:
     """Pass the first batch of the training and of the validation data through the trainer class's
     `evaluate_models` (what test.py runs; a class without one has its batches loaded only); raise
     RehearsalFailure at the first failure. Under DDP every rank rehearses its own batch, and all stop together
-    when one fails."""
-    failure = None
+    when one fails. With `summary_depth`, the evaluation model's layer table (base/model_summary.py) of that
+    pass is returned."""
+    failure, table = None, None
+    layers = LayerTable(trainer.unwrapped_model, summary_depth) if summary_depth else None
     try:
         _rehearse(trainer)
     except RehearsalFailure as error:
         failure = error
+    finally:
+        if layers is not None:
+            layers.remove()
+            table = layers.table() if layers.shapes else None
     if distributed.any_rank(failure is not None, trainer.device):
         if failure is not None:
             raise failure
         raise RehearsalElsewhere(
             "another rank's rehearsal of its first batch failed (that rank's error says why)"
         )
+    return table
 
 
 def _rehearse(trainer: Any) -> None:

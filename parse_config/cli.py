@@ -36,6 +36,7 @@ class Request:
     allow_inexact: bool = False
     fast_dev_run: int | None = None  # batches per stage of a dry run (train.py --fast-dev-run)
     find_lr: bool = False  # the learning-rate range test instead of training (train.py --find-lr)
+    summary: bool = False  # the model's layer table on the console too (train.py --summary)
     checkpoint_path: Path | None = None
     checkpoint: dict | None = None
     notices: list[str] = field(default_factory=list)
@@ -93,6 +94,9 @@ def make_arg_parser(
             help="run the learning-rate range test on a copy of the model, plot it into the run's log "
             "directory and print the suggested lr",
         )
+        parser.add_argument(
+            "--summary", action="store_true", help="print the model's layer table (it is in info.log always)"
+        )
         parser.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
         parser.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -110,9 +114,8 @@ def make_arg_parser(
     if extra is not None:
         extra(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. trainer.epochs=5")
-    parser.set_defaults(
-        run_id=None, lr=None, bs=None, allow_inexact_resume=False, fast_dev_run=None, find_lr=False
-    )
+    training_only = {"fast_dev_run": None, "find_lr": False, "summary": False, "allow_inexact_resume": False}
+    parser.set_defaults(run_id=None, lr=None, bs=None, **training_only)
     return parser
 
 
@@ -164,7 +167,7 @@ def parse_args(
     request = Request("", bool(args.run_id), args.device, args.print_config, args.allow_inexact_resume)
     if args.fast_dev_run is not None and args.fast_dev_run < 1:
         raise ConfigError(f"--fast-dev-run: {args.fast_dev_run} batches; give 1 or more")
-    request.fast_dev_run, request.find_lr = args.fast_dev_run, args.find_lr
+    request.fast_dev_run, request.find_lr, request.summary = args.fast_dev_run, args.find_lr, args.summary
     if extra is not None:
         own = make_arg_parser("", project, evaluating)  # the standard flags: the rest are the script's
         standard = {action.dest for action in own._actions}

@@ -249,6 +249,9 @@ TRAINER = {
     "lr_step": Option(choice("epoch", "batch"), "epoch", "step the LR scheduler per epoch or per batch"),
     "deterministic": Option(_boolean, False, "deterministic algorithms, cudnn.benchmark off"),
     "progress_bar": Option(_boolean, True, "tqdm bars (also off when stderr is not a terminal)"),
+    "summary_depth": Option(
+        integer(0), 2, "levels of the model's layer table in info.log (and with --summary); 0: off"
+    ),
     "profile": Option(
         integer(0),
         0,

@@ -99,3 +99,41 @@ def test_find_lr_prints_the_suggestion_and_the_override_that_uses_it(tmp_path, c
     assert re.search(rf"  to use it:  python train.py -c {tmp_path}/config.yaml optimizer.args.lr=[\d.e-]+\n", out)
     assert (tmp_path / "saved/log/tiny/lr/lr_find.png").is_file()
     assert not list(run_dir(tmp_path, "lr").glob("*.pth")), "nothing trained"
+
+
+def test_the_layer_table_is_in_info_log_always_and_on_the_console_with_summary(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=1))
+    assert train.main(["-c", str(path), "--run-id", "quiet"]) == 0
+    assert "layer       type" not in capsys.readouterr().out
+    log = (tmp_path / "saved/log/tiny/quiet/info.log").read_text()
+    assert "MnistModel: 21,840 parameters (21,840 trainable); output shapes on a real batch" in log
+    assert train.main(["-c", str(path), "--run-id", "shown", "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split() for line in out.splitlines()[1:7]] == [
+        ["layer", "type", "params", "output"],
+        ["conv1", "Conv2d", "260", "[32,", "10,", "24,", "24]"],
+        ["conv2", "Conv2d", "5,020", "[32,", "20,", "8,", "8]"],
+        ["conv2_drop", "Dropout2d", "0", "[32,", "20,", "8,", "8]"],
+        ["fc1", "Linear", "16,050", "[32,", "50]"],
+        ["fc2", "Linear", "510", "[32,", "10]"]]
+
+
+def test_a_resnet18_layer_table_at_depth_one_and_two(tmp_path, capsys):
+    import torch
+    import torchvision
+
+    from base.model_summary import LayerTable
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    table = LayerTable(model, 1)
+    with torch.no_grad():
+        model(torch.zeros(2, 3, 64, 64))
+    table.remove()
+    rows = {line.split()[0]: line.split()[1:] for line in table.table().splitlines()[2:]}
+    assert list(rows) == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
+    assert rows["layer4"] == ["Sequential", "8,393,728", "[2,", "512,", "2,", "2]"]
+    assert rows["fc"] == ["Linear", "5,130", "[2,", "10]"]
+    deeper = LayerTable(model, 2)
+    assert any(name == "layer1.0" for name, _ in deeper.layers) and not model(torch.zeros(1, 3, 32, 32)).isnan().any()
+    deeper.remove()
+    assert not any(module._forward_hooks for module in model.modules()), "no hook stays behind"
