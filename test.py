@@ -60,14 +60,15 @@ def evaluate(config: Config, request: Request) -> dict[str, float]:
     from logger.report import describe_data, run_header, shown_path
     from parse_config.references import References
     from parse_config.shapes import eval_model_name
-    from utils.device import check_precision, prepare_device
+    from utils.device import check_precision, gpus_wanted, prepare_device
     from utils.metrics import EpochMetrics
     from utils.seeding import seed_everything
     from utils.weights import load_model_state
 
     seed_everything(config["seed"])
-    distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
-    device, _ = prepare_device(min(config["n_gpu"], 1))
+    gpus = gpus_wanted(config["n_gpu"])
+    distributed.init_process_group(use_cuda=gpus > 0 and torch.cuda.is_available())
+    device, _ = prepare_device(min(gpus, 1))
     refs = References(config.source)
     refs.add(device=device)
     loader, section = builders.test_data(config, refs)  # the training data too, when a reference reads it

@@ -43,18 +43,21 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     from parse_config.options import parse_monitor
     from parse_config.references import References
     from parse_config.shapes import eval_model_name
-    from utils.device import check_precision, prepare_device
+    from utils.device import check_precision, gpus_wanted, prepare_device
     from utils.seeding import seed_everything, set_determinism
 
     seed_everything(config["seed"])
     set_determinism(config.trainer["deterministic"])
-    device, _ = prepare_device(config["n_gpu"])
+    device, _ = prepare_device(gpus_wanted(config["n_gpu"]))
     refs = References(config.source)
     refs.add(device=device)
     train_loader, valid_loader = builders.build_data(config, refs)
     models = builders.build_models(config, refs)
     init_counts = builders.init_from(models, config) if request.checkpoint is None else {}
     options, speed = builders.fast_options(config.trainer, device, list(models.values()))
+    if config["n_gpu"] == "auto":  # the header says what auto found
+        found = torch.cuda.device_count()
+        speed.insert(0, f"n_gpu {found} (auto: {'visible GPUs' if found else 'no GPU visible, the CPU'})")
     check_precision(options["precision"], device)
     models = {name: builders.place_model(model, device, options) for name, model in models.items()}
     losses = {
@@ -347,12 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         import builders
+        from utils.device import gpus_wanted
 
-        if config["n_gpu"] > 1 and torch.cuda.device_count() > 1 and not distributed.launched_by_torchrun():
+        gpus = gpus_wanted(config["n_gpu"])
+        if gpus > 1 and torch.cuda.device_count() > 1 and not distributed.launched_by_torchrun():
             return distributed.launch_local_processes(
-                min(config["n_gpu"], torch.cuda.device_count()), sys.argv[1:] if argv is None else argv
+                min(gpus, torch.cuda.device_count()), sys.argv[1:] if argv is None else argv
             )
-        distributed.init_process_group(use_cuda=config["n_gpu"] > 0 and torch.cuda.is_available())
+        distributed.init_process_group(use_cuda=gpus > 0 and torch.cuda.is_available())
         trainer, init_counts, references = build_trainer(config, request)  # reads files only, writes nothing
         commands = builders.commands_for(config, project_options.PROJECT_OPTIONS)
         done = request.checkpoint is not None and nothing_to_train(trainer, request.checkpoint_path, commands)

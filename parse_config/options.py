@@ -175,6 +175,12 @@ def _boolean_or_auto(value: Any) -> str | None:
     )
 
 
+def _gpus(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return f"must be auto or a count of GPUs (0 for the CPU), not {value!r}"
+
+
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 EXPORT_FORMATS, EXPORT_WHEN = ("both", "onnx", "pt2"), ("best", "end")
 
@@ -193,7 +199,11 @@ TOP_LEVEL = {
     "name": Option(
         of_type(str, "a string"), REQUIRED, "run name: the directory under save_dir/models and /log"
     ),
-    "n_gpu": Option(integer(0), 1, "GPUs to use; fewer are used (with a warning) when fewer exist"),
+    "n_gpu": Option(
+        _gpus,
+        1,
+        "GPUs to use (auto: every visible GPU, else the CPU); fewer, with a warning, when fewer exist",
+    ),
     "seed": Option(
         integer(0, 2**63 - 1), 123, "seeds python, numpy, torch and CUDA, the data split and the data order"
     ),

@@ -137,3 +137,15 @@ def test_a_resnet18_layer_table_at_depth_one_and_two(tmp_path, capsys):
     assert any(name == "layer1.0" for name, _ in deeper.layers) and not model(torch.zeros(1, 3, 32, 32)).isnan().any()
     deeper.remove()
     assert not any(module._forward_hooks for module in model.modules()), "no hook stays behind"
+
+
+def test_n_gpu_auto_takes_what_the_machine_has_and_the_header_says_so(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=1)
+    config["n_gpu"] = "auto"
+    assert train.main(["-c", str(write_config(tmp_path, config))]) == 0
+    captured = capsys.readouterr()
+    assert "  speed    n_gpu 0 (auto: no GPU visible, the CPU); " in captured.out and "GPU(s)" not in captured.err
+    config["n_gpu"] = "all"
+    path = write_config(tmp_path, config, "bad.yaml")
+    assert train.main(["-c", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: n_gpu: must be auto or a count of GPUs (0 for the CPU), not 'all'\n"

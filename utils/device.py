@@ -12,6 +12,11 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+def gpus_wanted(n_gpu: int | str) -> int:
+    """`n_gpu` as a count: `auto` is every visible GPU (none: the CPU, quietly)."""
+    return torch.cuda.device_count() if n_gpu == "auto" else int(n_gpu)
+
+
 def prepare_device(n_gpu: int) -> tuple[torch.device, list[int]]:
     """Use the GPUs asked for when they exist, fewer (down to the CPU) with a warning when not; `n_gpu: 1`
     on a machine without one is the CPU, quietly. Under torchrun each process uses the GPU of its
