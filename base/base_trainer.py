@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from logger import FILE_ONLY
+from logger import FILE_ONLY, FITTED
 from logger.report import Commands, epoch_line, flat_hparams
 from logger.writer import RunWriter
 from utils import distributed
@@ -28,7 +28,7 @@ from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
 from .monitor import Monitor
 from .pace import Pace
-from .schedule import Schedule
+from .schedule import Schedule, learning_rates
 from .train_step import CheckedLoss, TrainStep, unwrap
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class BaseTrainer:
         self.len_epoch = options["len_epoch"] or len(data_loader)
         self.step = TrainStep.from_options(models, device, options, self.len_epoch, self.eval_name)
         self.batches = BatchStream(data_loader)
-        self.pace = Pace(options["profile"])
+        self.pace = Pace(options["profile"], options["progress_interval"])
         self.speed: list[str] = []  # what `auto` chose for speed, and why: the header's `speed` row
         self.monitor = Monitor(monitor, options["early_stop"])
         loss_names = self.logged or ("loss", *getattr(self.criterion, "terms", ()))
@@ -141,9 +141,7 @@ class BaseTrainer:
         return self.progress.global_step
 
     def learning_rates(self) -> dict[str, float]:
-        """`lr` of the optimizer's first group; with several optimizers `lr_<name>` of each."""
-        named = {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
-        return {"lr": next(iter(named.values()))} if len(named) == 1 else named
+        return learning_rates(self.optimizers)
 
     # ---- the epoch loop ----
     def fit(self, run: RunPaths, commands: Commands | None = None) -> None:
@@ -202,7 +200,8 @@ class BaseTrainer:
         self.writer.add_hparams(flat_hparams(self.config), final, self.global_step)
 
     def _log_epoch(self, log: dict[str, float], seconds: float, improved: bool) -> None:
-        logger.info("%s", epoch_line(log["epoch"], self.epochs, log, seconds, improved, self.pace.summary()))
+        line = epoch_line(log["epoch"], self.epochs, log, seconds, improved, self.pace.summary())
+        logger.info("%s", line, extra=FITTED)  # wrapped between fields to the terminal's width
         self.writer.add_scalars("epoch", {k: v for k, v in log.items() if k != "epoch"}, self.global_step)
         if self.options["tensorboard_histograms"]:
             self.writer.add_histograms(self.unwrapped_model, self.global_step)
@@ -213,7 +212,7 @@ class BaseTrainer:
         start = self._finite_through = self.progress.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
-        self.pace.start(self.run.logs / "profile" if self.run and distributed.is_main() else None)
+        self.pace.start(self.run, f"epoch {epoch}/{self.epochs}", self.len_epoch - start, self.train_metrics)
         with tqdm(
             total=self.len_epoch,
             initial=start,

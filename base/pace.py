@@ -3,24 +3,38 @@ DataLoader not keeping up), and on request a torch.profiler trace of a few steps
 here synchronizes the GPU, so on CUDA the data wait is the time the loop stood still for data, and the rate
 is exact over an epoch (its end waits for the GPU when the metrics are read)."""
 
+import logging
+import sys
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from utils import distributed
+
+logger = logging.getLogger(__name__)
 
 
 class Pace:
     """Times one epoch's batches. `profile_steps` > 0: the first epoch trained records that many steps (after
     one to skip and one to warm up) into `trace_dir` as a trace TensorBoard's profiler or Perfetto opens."""
 
-    def __init__(self, profile_steps: int = 0):
-        self.profile_steps = profile_steps
+    def __init__(self, profile_steps: int = 0, interval: float = 0.0):
+        self.profile_steps, self.interval = profile_steps, interval
         self.samples, self.waited, self.started, self.seconds = 0, 0.0, 0.0, 0.0
         self._profiler: Any = None
+        self._label, self._batches, self._done, self._loss, self._reported = "", 0, 0, None, 0.0
 
-    def start(self, trace_dir: Path | None) -> None:
+    def start(self, run: Any = None, label: str = "", batches: int = 0, metrics: Any = None) -> None:
+        """A new epoch of `batches` batches, in `run` (its log directory gets the trace). Where the console is
+        not a terminal (a pipe, Slurm's log) and an interval is set, a line `label  step i/n  loss
+        samples/s  eta` every `interval` seconds, the loss read from this rank's `metrics` then (one host
+        sync per line, no collective)."""
         self.samples, self.waited, self.started = 0, 0.0, time.perf_counter()
+        self._label, self._batches, self._done, self._reported = label, batches, 0, self.started
+        piped = self.interval and metrics is not None and not sys.stdout.isatty()
+        self._loss = (lambda: metrics.tracker.local_mean("loss")) if piped else None
+        trace_dir = run.logs / "profile" if run is not None and distributed.is_main() else None
         if self.profile_steps and trace_dir is not None:
             schedule = torch.profiler.schedule(wait=1, warmup=1, active=self.profile_steps, repeat=1)
             self._profiler = torch.profiler.profile(
@@ -37,9 +51,25 @@ class Pace:
             self._profiler.step()
         before = time.perf_counter()
         batch = next(batches)
-        self.waited += time.perf_counter() - before
+        now = time.perf_counter()
+        self.waited += now - before
         self.samples += _samples_in(batch)
+        if self._loss is not None and self._done and now - self._reported >= self.interval:
+            self._reported = now
+            logger.info("%s", self._progress(now))
+        self._done += 1
         return batch
+
+    def _progress(self, now: float) -> str:
+        """`epoch 3/8  step 120/469  loss 0.2311  2,345/s  eta 1m 12s`: the piped console's progress line."""
+        elapsed = now - self.started
+        left = elapsed / self._done * (self._batches - self._done)
+        loss = self._loss()
+        shown = f"  loss {loss:.4g}" if loss is not None else ""
+        return (
+            f"{self._label}  step {self._done}/{self._batches}{shown}  {self.samples / elapsed:,.0f}/s  "
+            f"eta {_duration(left)}"
+        )
 
     def finish(self) -> None:
         self.seconds = time.perf_counter() - self.started
@@ -52,6 +82,12 @@ class Pace:
         if not self.samples or self.seconds <= 0:
             return ""
         return f"{self.samples / self.seconds:,.0f}/s data {self.waited / self.seconds:.0%}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _samples_in(batch: Any) -> int:

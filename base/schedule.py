@@ -7,6 +7,12 @@ import torch
 from utils.errors import ConfigError
 
 
+def learning_rates(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+    """`lr` of the optimizer's first group; with several optimizers `lr_<name>` of each."""
+    named = {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in optimizers.items()}
+    return {"lr": next(iter(named.values()))} if len(named) == 1 else named
+
+
 class Schedule:
     """Steps `scheduler` after every optimizer step (`per_batch`) or at each epoch's end, on `metric` of the
     epoch's log for ReduceLROnPlateau. Its state is the scheduler's own."""

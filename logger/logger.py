@@ -4,6 +4,10 @@ everything the console showed plus the step-level detail and the traceback of a 
 import logging
 import logging.config
 import logging.handlers
+import re
+import shutil
+import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -23,7 +27,42 @@ PROJECT_LOGGERS = (
     "logger",
 )
 FILE_ONLY = {"file_only": True}  # logger.info(..., extra=FILE_ONLY): info.log only, never the console
+FITTED = {"fitted": True}  # logger.info(..., extra=FITTED): wrapped to the terminal's width on the console
 _CONFIG_FILE = Path(__file__).with_name("logger_config.yaml")
+
+
+class FittedFormatter(logging.Formatter):
+    """Lines logged with extra=FITTED (the epoch lines), wrapped to the terminal's width at their
+    double-space field boundaries: between metrics, never inside a number; continuations indented. Other
+    lines are left whole (a printed command must paste as one line), and so is output that is not a
+    terminal (a file, a pipe to a log), for grep."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not getattr(record, "fitted", False) or not sys.stdout.isatty():
+            return text
+        width = max(shutil.get_terminal_size((80, 24)).columns, 40)
+        return "\n".join(line for original in text.split("\n") for line in fitted(original, width))
+
+
+def fitted(line: str, width: int) -> list[str]:
+    """`line` as lines of at most `width` columns. A header or summary row (`  key    value`) wraps its value
+    under the value's column; any other line breaks where it separates fields with two spaces."""
+    if len(line) <= width:
+        return [line]
+    row = re.match(r"^(  \S+ +)", line)
+    if row:
+        return textwrap.wrap(line, width, subsequent_indent=" " * len(row.group(1)), break_on_hyphens=False)
+    lines, current = [], ""
+    for field in line.split("  "):
+        candidate = f"{current}  {field}" if current else field
+        if len(candidate) <= width or not current.strip():
+            current = candidate
+            continue
+        lines.append(current)
+        current = "  " + field
+    lines.append(current)
+    return [piece for part in lines for piece in textwrap.wrap(part, width, subsequent_indent="    ") or [""]]
 
 
 class ConsoleFilter(logging.Filter):

@@ -262,6 +262,9 @@ TRAINER = {
     "summary_depth": Option(
         integer(0), 2, "levels of the model's layer table in info.log (and with --summary); 0: off"
     ),
+    "progress_interval": Option(
+        number(0), 30, "seconds between progress lines when the console is not a terminal (0: none)"
+    ),
     "profile": Option(
         integer(0),
         0,

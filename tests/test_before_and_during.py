@@ -3,6 +3,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 from test_resume import MID, _reference
 
 import train
@@ -149,3 +150,45 @@ def test_n_gpu_auto_takes_what_the_machine_has_and_the_header_says_so(tmp_path, 
     path = write_config(tmp_path, config, "bad.yaml")
     assert train.main(["-c", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: n_gpu: must be auto or a count of GPUs (0 for the CPU), not 'all'\n"
+
+
+@pytest.mark.slow
+def test_epoch_lines_fit_an_80_column_terminal_breaking_only_between_fields(tmp_path):
+    import sys
+
+    from test_console import run_in_terminal, screen_lines
+
+    from conftest import ROOT
+
+    config = tiny_config(tmp_path, progress_bar=False, tensorboard=False, epochs=2)
+    config["metrics"] = ["accuracy", "top_k_acc"]
+    path = write_config(tmp_path, config)
+    status, raw = run_in_terminal([sys.executable, str(ROOT / "train.py"), "-c", str(path), "--run-id", "narrow"],
+                                  tmp_path, columns=80)
+    assert status == 0, raw
+    shown = screen_lines(raw)
+    start = next(i for i, line in enumerate(shown) if line.startswith("epoch 2/2  "))
+    end = next(i for i in range(start + 1, len(shown)) if not shown[i].startswith("  ") or "best" in shown[i])
+    pieces = shown[start:end]
+    assert len(pieces) > 1 and all(len(line) <= 80 for line in pieces), pieces
+    log = (tmp_path / "saved/log/tiny/narrow/info.log").read_text()
+    whole = next(line for line in log.splitlines() if "epoch 2/2  lr" in line).split(" - INFO - ")[1]
+    assert "  ".join(piece.strip() for piece in pieces) == whole, "the same fields, none cut"
+
+
+@pytest.mark.slow
+def test_a_piped_console_gets_progress_lines_with_eta_and_no_bar(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    config = tiny_config(tmp_path, progress_interval=1e-9, epochs=1)  # every batch, whatever the machine's pace
+    path = write_config(tmp_path, config)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if re.match(r"epoch 1/1  step \d+/8  ", line)]
+    assert len(lines) == 7, result.stdout  # after batches 2..8: the first batch gives no rate yet
+    assert all(re.fullmatch(r"epoch 1/1  step \d/8  loss [\d.]+  [\d,]+/s  eta \d+s", line) for line in lines), lines
+    assert "it/s" not in result.stdout + result.stderr and "%|" not in result.stderr, "no tqdm bar in a pipe"

@@ -21,10 +21,10 @@ from parse_config import parse_args
 from utils.run_directory import claim_run_directory
 
 
-def run_in_terminal(argv, cwd, timeout=120.0):
-    """Run a command on a pseudo-terminal 120 columns wide; (exit status, the raw bytes it wrote)."""
+def run_in_terminal(argv, cwd, timeout=120.0, columns=120):
+    """Run a command on a pseudo-terminal `columns` wide; (exit status, the raw bytes it wrote)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     process = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     chunks = []

@@ -64,6 +64,11 @@ class MetricTracker:
         sums, counts = values[: len(self.keys)], values[len(self.keys) :]
         return {key: total / count for key, total, count in zip(self.keys, sums, counts) if count}
 
+    def local_mean(self, key: str) -> float | None:
+        """This rank's running mean of `key`, no collective: one host read, for a progress line."""
+        total, count = self._sums.get(key), self._counts.get(key, 0)
+        return float(total) / count if count and total is not None else None
+
     def avg(self, key: str) -> float:
         return self.result()[key]
 
