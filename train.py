@@ -92,10 +92,14 @@ def rehearse(config: Config, trainer: Any) -> str | None:
     is a ConfigError naming it, one in the user's code keeps its frames. Under DDP the failing rank says
     why, and the others stop with it."""
     import builders
+    from base.base_data_loader import unseeded
     from base.rehearsal import RehearsalFailure
     from base.rehearsal import rehearse as rehearse_batches
-    from parse_config.blame import explain_rehearsal
+    from parse_config.blame import class_count_mismatch, explain_rehearsal
 
+    mismatch = class_count_mismatch(config, unseeded(trainer.data_loader.dataset))
+    if mismatch is not None:  # before the rehearsal, which would find it only if a batch held such a label
+        raise mismatch
     try:
         return rehearse_batches(trainer, config.trainer["summary_depth"])
     except RehearsalFailure as failure:

@@ -6,6 +6,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from base import BaseDataLoader
+from parse_config.blame import download_failure
 from parse_config.loaders import compose_transforms
 from utils.errors import ConfigError
 
@@ -45,10 +46,17 @@ class MnistDataLoader(BaseDataLoader):
                 download=download,
                 transform=compose_transforms(transforms),
             )
-        except RuntimeError as error:  # torchvision's "Dataset not found"
+        except RuntimeError as error:  # torchvision's "Dataset not found", or a download that failed
+            offline = download_failure(error)
+            if offline is not None:
+                raise ConfigError(
+                    f"data_loader.args.download: MNIST could not be downloaded into '{self.data_dir}' "
+                    f"({offline}): without network access, copy its files there, or train on the bundled "
+                    "digits (configs/mnist.yaml)"
+                ) from None
             raise ConfigError(
-                f"data_loader.args.data_dir: no MNIST under '{self.data_dir}' ({error}); "
-                "point data_dir at it or set download: true"
+                f"data_loader.args.data_dir: no MNIST under '{self.data_dir}'; point data_dir at it or set "
+                "download: true"
             ) from None
         return dataset if self.limit is None else Subset(dataset, range(min(self.limit, len(dataset))))
 

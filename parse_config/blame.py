@@ -74,6 +74,18 @@ def blamed_key(error: BaseException, args: dict) -> str | None:
     return None
 
 
+def download_failure(error: BaseException) -> str | None:
+    """The one-line reason when a dataset failed to download its files (no network, a refused host), else
+    None: torchvision's messages span lines and end in the socket error."""
+    text = str(error)
+    found = re.search(r"urlopen error \[Errno -?\d+\] ([^>\]]+)|urlopen error ([^>]+)>", text)
+    if found:
+        return (found.group(1) or found.group(2)).strip()
+    if "Error downloading" in text or type(error).__name__ in ("URLError", "HTTPError", "gaierror"):
+        return text.strip().splitlines()[0]
+    return None
+
+
 def _has_identity(value: Any) -> bool:
     """Whether `value is` tells this config value apart: ints, bools and None are shared objects."""
     return value is not None and not isinstance(value, (bool, int))
@@ -204,6 +216,27 @@ def _holds_pil_image(samples: Any) -> bool:
 
 def _short(type_name: str) -> str:
     return re.split(r"[.:]", type_name)[-1]
+
+
+def class_count_mismatch(config: "Config", dataset: Any) -> ConfigError | None:
+    """A dataset that names its classes (ImageFolder, CIFAR10, MNIST: `classes`) and a model with fewer
+    outputs than that (its `num_classes`-like arg): the error, before anything runs; None when they fit."""
+    while dataset is not None and not isinstance(getattr(dataset, "classes", None), (list, tuple)):
+        dataset = getattr(dataset, "dataset", None)  # through Subset and the seeding wrapper
+    if dataset is None:
+        return None
+    classes = list(dataset.classes)
+    model = next(e for e in entries(config.data, "model") if e.name == eval_model_name(config.data))
+    args = model.node.get("args") or {}
+    key = next((k for k, v in args.items() if "class" in k.lower() and type(v) is int), None)
+    if key is None or args[key] >= len(classes):
+        return None
+    shown = ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
+    problem = (
+        f"the model outputs {args[key]} classes but the training data ({type(dataset).__name__}) has "
+        f"{len(classes)} ({shown}): set it to {len(classes)}"
+    )
+    return ConfigError(config.located(f"{model.path}.args.{key}", problem))
 
 
 def _largest_label(batch: Any, reported: int) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from utils.errors import ConfigError
 from utils.user_code import raised_in_library, raised_in_user_code
 
-from .blame import blamed_key
+from .blame import blamed_key, download_failure
 from .resolution import Lookup, resolve_type, section_kind
 
 
@@ -86,6 +86,13 @@ class Config:
         except ConfigError:
             raise
         except Exception as error:  # which code raised decides who is told: the user's code, or the config
+            offline = download_failure(error)
+            if offline is not None:  # whoever's code fetched it: the network, not the code, is the problem
+                problem = (
+                    f"{type_name} could not download its data ({offline}): without network access, put its "
+                    "files under its root yourself (or run once where the network is reachable)"
+                )
+                raise ConfigError(self.located(f"{path}.args.download", problem)) from None
             key = blamed_key(error, args)
             if raised_in_user_code(error) and not (key and raised_in_library(error)):
                 raise  # a library refusing a config value that the user's constructor passed on: the config's

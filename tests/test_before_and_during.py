@@ -192,3 +192,40 @@ def test_a_piped_console_gets_progress_lines_with_eta_and_no_bar(tmp_path):
     assert len(lines) == 7, result.stdout  # after batches 2..8: the first batch gives no rate yet
     assert all(re.fullmatch(r"epoch 1/1  step \d/8  loss [\d.]+  [\d,]+/s  eta \d+s", line) for line in lines), lines
     assert "it/s" not in result.stdout + result.stderr and "%|" not in result.stderr, "no tqdm bar in a pipe"
+
+
+def _offline(*args, **kwargs):
+    import socket
+    import urllib.error
+
+    raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+
+def test_a_dataset_that_cannot_download_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", _offline)
+    config = tiny_config(tmp_path, epochs=1, monitor="off")
+    config["data_loader"] = {"type": "torchvision.datasets.CIFAR10", "args": {
+        "root": str(tmp_path / "cifar"), "train": True, "download": True, "transform": [{"type": "ToTensor"}],
+        "batch_size": 8}}
+    path = write_config(tmp_path, config)
+    assert train.main(["-c", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: data_loader.args.download: torchvision.datasets.CIFAR10 could not download its data "
+        "(Name or service not known): without network access, put its files under its root yourself (or run once "
+        "where the network is reachable)\n")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_mnist_full_without_network_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets.mnist
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", _offline)
+    config = tiny_config(tmp_path, epochs=1)
+    config["data_loader"]["args"].update(data_dir=str(tmp_path / "empty"), download=True)
+    assert train.main(["-c", str(write_config(tmp_path, config))]) == 2
+    assert capsys.readouterr().err == (
+        f"error: data_loader.args.download: MNIST could not be downloaded into '{tmp_path}/empty' (Name or service "
+        "not known): without network access, copy its files there, or train on the bundled digits "
+        "(configs/mnist.yaml)\n")

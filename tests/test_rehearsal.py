@@ -55,9 +55,10 @@ CONFIG_ERRORS = {
                                 "data_loader.args.transforms[0].args.size: RandomCrop failed on sample {index} of the "
                                 "training data: ValueError: Required crop size (64, 64) is larger than input image "
                                 "size (28, 28)"),
-    "labels-beyond-classes": (("arch.args.num_classes", 5),
-                              "arch.args.num_classes: the model outputs 5 classes but the training data has label "
-                              "{label}: set it to the number of classes (at least {above})"),
+    "fewer-outputs-than-classes": (("arch.args.num_classes", 5),
+                                   "arch.args.num_classes: the model outputs 5 classes but the training data "
+                                   "(MNIST) has 10 (0 - zero, 1 - one, 2 - two, 3 - three, 4 - four, ...): set it "
+                                   "to 10"),
     "dropout-a-string": (("arch.args.dropout", "high"),
                          "arch.args.dropout: MnistModel refused its args: '<' not supported between instances of "
                          "'str' and 'int'"),
@@ -122,6 +123,32 @@ def test_a_value_the_users_code_fails_on_shows_their_line_and_that_nothing_was_w
     assert err.startswith("error: RuntimeError: ") and "in your code (most recent call last):" in err
     assert user_file in err and err.rstrip().endswith(note), err
     assert "found before the run began, by passing one real batch through the data, models, losses and metrics" in err
+    assert not (tmp_path / "saved").exists()
+
+
+UNNAMED_CLASSES = """import torch
+from torch.utils.data import Dataset
+
+
+class Blobs(Dataset):  # no `classes` attribute: only a real batch shows the labels
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, index):
+        return torch.zeros(1, 28, 28), index % 10
+"""
+
+
+def test_labels_beyond_the_models_classes_name_its_class_count(tmp_path, capsys):
+    (tmp_path / "blobs.py").write_text(UNNAMED_CLASSES)
+    config = tiny_config(tmp_path, epochs=1, monitor="off")
+    config["data_loader"] = {"type": f"{tmp_path}/blobs.py:Blobs", "args": {"batch_size": 32, "num_workers": 0}}
+    config["arch"]["args"] = {"num_classes": 5}
+    path = write_config(tmp_path, config)
+    assert train.main(["-c", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: arch.args.num_classes: the model outputs 5 classes but the training data has label 9: set "
+        "it to the number of classes (at least 10)\n")
     assert not (tmp_path / "saved").exists()
 
 
