@@ -12,14 +12,14 @@ from typing import Any, Callable
 import torch
 import torchvision.transforms
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import data_loader.data_loaders as module_data
 import model.loss as module_loss
 import model.metric as module_metric
 import model.model as module_arch
 import trainer.trainer as module_trainer
-from base.base_data_loader import unseeded
+from base.base_data_loader import BaseDataLoader, unseeded
 from base.base_model import init_weights
 from base.schedule import Schedule
 from base.train_step import compiled, unwrap
@@ -147,6 +147,18 @@ def build_data(config: Config, refs: References | None = None) -> tuple[DataLoad
     if refs is not None:
         refs.add(valid_data_loader=valid)
     return train, valid
+
+
+def overfit_data(loader: DataLoader, batches: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    """`trainer.overfit_batches`: the first `batches` batches of the training order, as a training loader
+    over them alone (in a fixed order) and a validation loader over the same samples: a model that cannot
+    fit them has a bug."""
+    rngs = torch.get_rng_state()  # a plain DataLoader's sampler draws from torch's RNG
+    order = [key[1] if isinstance(key, tuple) else key for key in loader.sampler]
+    torch.set_rng_state(rngs)
+    samples = Subset(unseeded(loader.dataset), order[: batches * (loader.batch_size or 1)])
+    settings = {"batch_size": loader.batch_size, "shuffle": False, "num_workers": loader.num_workers}
+    return BaseDataLoader(samples, seed=seed, **settings), BaseDataLoader(samples, seed=seed, **settings)
 
 
 def test_data(config: Config, refs: References | None = None) -> tuple[DataLoader, str]:

@@ -52,6 +52,10 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     refs = References(config.source)
     refs.add(device=device)
     train_loader, valid_loader = builders.build_data(config, refs)
+    if config.trainer["overfit_batches"]:  # the same few batches, trained and validated on
+        train_loader, valid_loader = builders.overfit_data(
+            train_loader, config.trainer["overfit_batches"], config["seed"]
+        )
     models = builders.build_models(config, refs)
     init_counts = builders.init_from(models, config) if request.checkpoint is None else {}
     options, speed = builders.fast_options(config.trainer, device, list(models.values()))

@@ -262,6 +262,11 @@ TRAINER = {
     "summary_depth": Option(
         integer(0), 2, "levels of the model's layer table in info.log (and with --summary); 0: off"
     ),
+    "overfit_batches": Option(
+        integer(0),
+        0,
+        "train and validate on the same first N batches: a model that cannot fit them has a bug",
+    ),
     "progress_interval": Option(
         number(0), 30, "seconds between progress lines when the console is not a terminal (0: none)"
     ),

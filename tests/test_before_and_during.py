@@ -229,3 +229,14 @@ def test_mnist_full_without_network_says_what_to_do(tmp_path, capsys, monkeypatc
         f"error: data_loader.args.download: MNIST could not be downloaded into '{tmp_path}/empty' (Name or service "
         "not known): without network access, copy its files there, or train on the bundled digits "
         "(configs/mnist.yaml)\n")
+
+
+def test_overfit_batches_trains_and_validates_on_the_same_few_batches(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=40, overfit_batches=2, monitor="off")
+    config["lr_scheduler"] = None
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "fit"]) == 0
+    out = capsys.readouterr().out
+    assert "  data     train 64 samples in 2 batches of 32; valid 64 samples in 2 batches of 32" in out
+    val_losses = [float(re.search(r"val_loss ([\d.e-]+)", line)[1]) for line in out.splitlines()
+                  if line.startswith("epoch ")]
+    assert val_losses[-1] < 0.2 * val_losses[0], val_losses  # 64 samples: the model can fit them
