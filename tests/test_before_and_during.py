@@ -240,3 +240,30 @@ def test_overfit_batches_trains_and_validates_on_the_same_few_batches(tmp_path, 
     val_losses = [float(re.search(r"val_loss ([\d.e-]+)", line)[1]) for line in out.splitlines()
                   if line.startswith("epoch ")]
     assert val_losses[-1] < 0.2 * val_losses[0], val_losses  # 64 samples: the model can fit them
+
+
+@pytest.mark.slow
+def test_new_project_leaves_the_bundled_data_out_unless_asked_and_the_copy_trains_and_tests(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import new_project
+
+    assert new_project.main([str(tmp_path / "lean")]) == 0
+    assert "left out: data/ (the bundled MNIST digits), tests/, bench/ and .ci/" in capsys.readouterr().out
+    lean = sorted(p.name for p in (tmp_path / "lean").iterdir())
+    assert {"base", "parse_config", "utils", "logger", "trainer", "model", "data_loader", "configs", "train.py",
+            "test.py", "export.py", "builders.py", "pyproject.toml", "README.md"} <= set(lean)
+    assert not {"data", "tests", "bench", ".ci", "saved"} & set(lean), lean
+
+    assert new_project.main([str(tmp_path / "full"), "--with-data"]) == 0
+    full = tmp_path / "full"
+    assert (full / "data/mnist-5k").is_dir() and (full / "tests/conftest.py").is_file()
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=full, capture_output=True, text=True, timeout=600)
+
+    trained = run("train.py", "-c", "configs/mnist.yaml", "--fast-dev-run")
+    assert trained.returncode == 0 and "fast dev run passed" in trained.stdout, trained.stderr
+    tested = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_config.py", "tests/test_rehearsal.py")
+    assert tested.returncode == 0, tested.stdout[-2000:]

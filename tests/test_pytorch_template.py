@@ -218,7 +218,7 @@ def _ported_config():
 @pytest.mark.slow
 def test_a_ported_pytorch_template_project_trains_resumes_and_tests(tmp_path):
     project = tmp_path / "Ported"
-    assert new_project.main([str(project)]) == 0
+    assert new_project.main([str(project), "--with-data"]) == 0
     (project / "data_loader/data_loaders.py").write_text(TEMPLATE_DATA_LOADERS)
     (project / "model/metric.py").write_text(TEMPLATE_METRICS)
     (project / "model/loss.py").write_text(PROJECT_LOSS)
