@@ -189,7 +189,7 @@ def test_model_printout_metrics_and_init():
 
 def test_new_project_copies_without_git_saved_and_caches(tmp_path):
     target = tmp_path / "NewProject"
-    assert new_project.main([str(target)]) == 0
+    assert new_project.main([str(target), "--with-data"]) == 0
     assert (target / "train.py").is_file() and (target / "data" / "mnist-5k" / "README.md").is_file()
     assert not (target / ".git").exists() and not (target / "saved").exists()
     assert not list(target.rglob("__pycache__"))
