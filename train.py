@@ -186,7 +186,10 @@ def log_summary(config: Config, trainer: Any, run: Any, commands: Any, request: 
 
     stopped_early, monitor = trainer.monitor.should_stop, trainer.monitor
     start = request.checkpoint
-    resumed_at = (start["epoch"] + 1, start.get("batches_in_epoch", 0)) if start is not None else None
+    resumed_at = None
+    if start is not None:
+        began = (start["epoch"] + 1, start.get("batches_in_epoch", 0), start.get("global_step", 0))
+        resumed_at = (*began, trainer.global_step)
     summary = run_summary(
         trainer.elapsed, trainer.progress.epoch, stopped_early, monitor, run.checkpoints, run.logs,
         config.trainer["tensorboard"], commands, builders.has_test_data(config), resumed_at,

@@ -143,14 +143,16 @@ def run_summary(
     tensorboard: bool,
     commands: Commands,
     has_test_data: bool = True,
-    resumed_at: tuple[int, int] | None = None,
+    resumed_at: tuple[int, int, int, int] | None = None,
 ) -> str:
     """Elapsed time, the best epoch and where things are, with the commands to run next. `resumed_at`: the
-    (epoch, batch) this process began at, so that the time is not read as the whole run's."""
+    (epoch, batch, step) this process began at and the run's step now, so that what this process trained,
+    and in what time, is told apart from the whole run."""
     how = f"stopped early after {epochs_done} epochs" if stopped_early else f"finished {epochs_done} epochs"
     if resumed_at is not None:
-        epoch, batch = resumed_at
-        how += f" (this process resumed at epoch {epoch}{f', batch {batch}' if batch else ''})"
+        epoch, batch, began, steps = resumed_at
+        where = f"epoch {epoch}{f', batch {batch}' if batch else ''}"
+        how += f" ({steps} steps in all, {steps - began} in this process, which resumed at {where})"
     lines = [f"Done: {how} in {_duration(seconds)}."]
     best = run_dir / "model_best.pth"
     if monitor.metric and monitor.monitor_best_epoch is not None:

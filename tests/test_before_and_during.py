@@ -46,7 +46,8 @@ def test_after_a_mid_epoch_resume_the_epoch_line_shows_the_epochs_learning_rate(
     capsys.readouterr()
     assert train.main(["-r", str(reference / MID), "--run-id", "resumed"]) == 0
     out = capsys.readouterr().out
-    assert "Done: finished 3 epochs (this process resumed at epoch 2, batch 5) in " in out
+    assert "Done: finished 3 epochs (24 steps in all, 11 in this process, which resumed at epoch 2, batch 5) in " \
+        in out
 
     def epoch_two(run):
         log = (tmp_path / "saved/log/tiny" / run / "info.log").read_text()

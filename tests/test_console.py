@@ -63,7 +63,15 @@ def test_terminal_shows_clean_lines_at_every_verbosity(tmp_path, verbosity):
     assert "%|" in raw and "it/s" in raw, "progress bars were drawn"
     shown = screen_lines(raw)
     assert not [line for line in shown if "%|" in line or "it/s" in line], "no bar fragment is left on the screen"
-    epoch_lines = [line for line in shown if line.startswith("epoch ")]
+    epoch_lines, pieces, inside = [], [], False  # each epoch line with the lines it wrapped into
+    for line in shown:
+        inside = line.startswith("epoch ") or (inside and line.startswith("  "))
+        if line.startswith("epoch "):
+            epoch_lines.append(line)
+        elif inside:
+            epoch_lines[-1] += line
+        pieces += [line] if inside else []
+    assert all(len(line) <= 120 for line in pieces), "wrapped to the terminal's width"
     if verbosity == 0:
         assert shown == [], "verbosity 0 shows warnings only"
         return
