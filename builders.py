@@ -149,6 +149,20 @@ def build_data(config: Config, refs: References | None = None) -> tuple[DataLoad
     return train, valid
 
 
+def global_batches(loader: DataLoader, seed: int) -> DataLoader:
+    """The training samples in batches of batch_size x the number of processes, shuffled by the run's seed:
+    what one DDP step sees over all ranks (the LR range test on rank 0); the loader itself in one process."""
+    if not distributed.is_distributed():
+        return loader
+    indices = getattr(loader.sampler, "indices", None)
+    samples = Subset(unseeded(loader.dataset), indices) if indices is not None else unseeded(loader.dataset)
+    generator = torch.Generator().manual_seed(seed)
+    size = (loader.batch_size or 1) * distributed.world_size()
+    return DataLoader(
+        samples, batch_size=size, shuffle=True, generator=generator, num_workers=loader.num_workers
+    )
+
+
 def overfit_data(loader: DataLoader, batches: int, seed: int) -> tuple[DataLoader, DataLoader]:
     """`trainer.overfit_batches`: the first `batches` batches of the training order, as a training loader
     over them alone (in a fixed order) and a validation loader over the same samples: a model that cannot

@@ -252,34 +252,40 @@ def _dev_trainer(config: Config, request: Request, early: Any, batches: int) -> 
 def find_lr(config: Config, request: Request, trainer: Any, references: dict, early: Any) -> int:
     """The learning-rate range test on copies of the model and optimizer; its curve goes into the run's log
     directory, and the suggested rate is printed with the override that uses it."""
+    import builders
     from base.lr_finder import range_test, suggestion, write_curve
     from parse_config.shapes import entries
 
     if trainer.optimizer is None or len(trainer.models) > 1 or trainer.criterion is None:
         raise ConfigError(f"{config.source}: --find-lr tests one model with one optimizer and one loss")
-    if distributed.is_distributed():
-        raise ConfigError("--find-lr runs in one process: python train.py ... --find-lr, not under torchrun")
     run = start_run(config, request, trainer, references, early)
+    lrs, losses, suggested, files = [], [], None, []
     try:
-        model, optimizer, loss = trainer.unwrapped_model, trainer.optimizer, trainer.criterion
-        lrs, losses = range_test(
-            model, optimizer, loss, trainer.data_loader, trainer.device,
-            autocast=trainer.step.autocast, channels_last=trainer.options["channels_last"],
-        )  # fmt: skip
-        suggested = suggestion(lrs, losses)
-        files = write_curve(lrs, losses, suggested, run.logs)
+        if distributed.is_main():  # under DDP rank 0 alone, on a copy of its model, with the global batch
+            model, optimizer, loss = trainer.unwrapped_model, trainer.optimizer, trainer.criterion
+            batches = builders.global_batches(trainer.data_loader, config["seed"])
+            lrs, losses = range_test(
+                model, optimizer, loss, batches, trainer.device,
+                autocast=trainer.step.autocast, channels_last=trainer.options["channels_last"],
+            )  # fmt: skip
+            suggested = suggestion(lrs, losses)
+            files = write_curve(lrs, losses, suggested, run.logs)
     finally:
+        distributed.any_rank(False, trainer.device)  # the other ranks wait for rank 0's test here
         run.release()
+    if not distributed.is_main():
+        return 0
     schedules = [e.node.get("type", "") for e in entries(config.data, "scheduler")]
     key = "lr_scheduler.args.max_lr" if any(t.endswith(("OneCycleLR", "CyclicLR")) for t in schedules) else (
         "optimizer.args.lr")  # fmt: skip
     print(f"LR range test: {len(lrs)} steps from {lrs[0]:.0e} to {lrs[-1]:.1e} on copies of the model and "
-          "optimizer (the run's state is untouched)")  # fmt: skip
+          f"optimizer, batches of {batches.batch_size} (the run's state is untouched)")  # fmt: skip
     if suggested is None:
         print("  no suggestion: the loss diverged within the first steps; lower the range's start")
     else:
+        launcher = builders.commands_for(config, project_options.PROJECT_OPTIONS).train
         print(f"  suggested lr {suggested:.2e}, where the smoothed loss falls fastest")
-        print(f"  to use it:  python train.py -c {shlex.quote(config.source)} {key}={suggested:.2g}")
+        print(f"  to use it:  {launcher} -c {shlex.quote(config.source)} {key}={suggested:.2g}")
     print(f"  curve:      {', '.join(str(path) for path in files)}")
     return 0
 

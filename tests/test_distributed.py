@@ -230,3 +230,14 @@ def test_two_nodes_on_loopback_train_together(tmp_path):
     assert [status for status, _, _ in results] == [0, 0], results[0][2] + results[1][2]
     checkpoint = load(run_dir(tmp_path, "nodes") / "checkpoint-last.pth")
     assert checkpoint["world_size"] == 2 and checkpoint["global_step"] == 4, "4 global batches of 2 x 32"
+
+
+def test_find_lr_under_torchrun_runs_on_rank_0_with_the_global_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    config["lr_scheduler"] = None
+    status, out, err = _finish(_torchrun(tmp_path, 2, "-c", str(write_config(tmp_path, config)), "--find-lr",
+                                         "--run-id", "lr"))
+    assert status == 0, err
+    assert out.count("LR range test: 100 steps from 1e-07 to ") == 1 and "batches of 64 " in out
+    assert "  to use it:  torchrun --nproc_per_node 2 train.py -c " in out
+    assert (tmp_path / "saved/log/tiny/lr/lr_find.csv").is_file()
