@@ -73,3 +73,16 @@ def test_imagefolder_config_trains_and_tests(tmp_path):
     assert load(run / "checkpoint-last.pth")["global_step"] == 2
     assert test_script.main(["-r", str(run / "model_best.pth")]) == 0
     assert 0.0 <= json.loads((run / "model_best.test.json").read_text())["accuracy"] <= 1.0
+
+
+def test_an_image_folder_with_more_classes_than_num_classes_is_one_line_before_anything(tmp_path, capsys):
+    _image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=1)
+    roots = [tmp_path / "images" / split for split in ("train", "val", "test")]
+    overrides = [f"{section}.args.root={root}" for section, root in zip(
+        ("data_loader", "valid_data_loader", "test_data_loader"), roots)]
+    config = ROOT / "configs/imagefolder.yaml"
+    assert train.main(["-c", str(config), f"trainer.save_dir={tmp_path}/saved", *overrides, *SMALL]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: arch.args.num_classes: the model outputs 2 classes but the training data (ImageFolder) "
+        "has 3 (cat, dog, fox): set it to 3\n")
+    assert not (tmp_path / "saved").exists()
