@@ -66,7 +66,7 @@ def export(config: Config, request: Request) -> dict[str, Any]:
     from base import exporting
     from base.checkpointer import model_weights
     from parse_config.shapes import eval_model_name
-    from utils.checkpoint import content_digests
+    from utils.checkpoint import DIGESTS, content_digests
     from utils.weights import load_model_state
 
     files = FORMATS[request.extra["format"]]
@@ -93,15 +93,17 @@ def export(config: Config, request: Request) -> dict[str, Any]:
             run = exporting.export_onnx(model, example, path, names)
         checks.append((path, exporting.verify(file, run, model, samples, sizes)))
     checkpoint = request.checkpoint
+    weights = checkpoint.get("eval_weights", "state_dict")  # the part exported: its digest as written
+    stored = checkpoint.get(DIGESTS) or {}  # a pytorch-template file has none: computed then
     manifest = {
         "checkpoint": {
             "path": str(request.checkpoint_path),
-            "digest": content_digests({"state_dict": checkpoint.get("state_dict")})["state_dict"],
+            "digest": stored.get(weights) or content_digests({weights: checkpoint[weights]})[weights],
             "epoch": checkpoint.get("epoch"),
             "monitor": checkpoint.get("monitor"),
             "monitor_best": checkpoint.get("monitor_best"),
         },
-        "weights": "ema" if checkpoint.get("eval_weights") == "ema_state_dict" else "trained",
+        "weights": "ema" if weights == "ema_state_dict" else "trained",
         "inputs": [{"name": "input", "dtype": str(samples.dtype), "shape": ["batch", *samples.shape[1:]]}],
         "outputs": names,
         "traced_on": f"{len(example)} real samples of the {section}",

@@ -25,9 +25,10 @@ from utils.run_directory import RunPaths
 from utils.signals import Shielded, StopRequest, shield_workers
 
 from .base_data_loader import BatchStream
-from .checkpointer import Checkpointer, Progress, RngStreams, run_parts
+from .checkpointer import Checkpointer, run_parts
 from .monitor import Monitor
 from .pace import Pace
+from .progress import Progress, RngStreams
 from .schedule import Schedule, learning_rates
 from .train_step import CheckedLoss, TrainStep, unwrap
 

@@ -26,24 +26,24 @@ class ExportJob:
 
     def finish(self, best: Path | None, last: Path) -> str:
         """Export at the end (when: end), wait for the export running, and say how it went in one line."""
-        if self.when == "end" or self.process is None:
-            self._start(best if best is not None and best.exists() else last)
-        assert self.process is not None and self.out is not None
-        self.process.wait()
-        log = self.out / "export.log"
+        process, out = self.process, self.out
+        if self.when == "end" or process is None or out is None:
+            process, out = self._start(best if best is not None and best.exists() else last)
+        process.wait()
+        log = out / "export.log"
         try:
-            checks = json.loads((self.out / "export.json").read_text())["checks"]
+            checks = json.loads((out / "export.json").read_text())["checks"]
         except (OSError, ValueError, KeyError):
             checks = []
-        if self.process.returncode == 0 and checks:
+        if process.returncode == 0 and checks:
             files = ", ".join(Path(check["file"]).name for check in checks)
             worst = max(check["max_abs_error"] for check in checks)
-            self.result = f"{self.out} ({files} verified, max abs error {worst:.1e})"
+            self.result = f"{out} ({files} verified, max abs error {worst:.1e})"
         else:
-            self.result = f"FAILED (exit {self.process.returncode}); see {log}"
+            self.result = f"FAILED (exit {process.returncode}); see {log}"
         return self.result
 
-    def _start(self, checkpoint: Path) -> None:
+    def _start(self, checkpoint: Path) -> tuple[subprocess.Popen, Path]:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()  # a newer best supersedes it
             self.process.wait()
@@ -53,3 +53,4 @@ class ExportJob:
                    "--out", str(self.out), *self.flags]  # fmt: skip
         with (self.out / "export.log").open("w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        return self.process, self.out

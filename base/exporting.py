@@ -152,11 +152,10 @@ def verify(
                     f"{name}: returned {len(got)} outputs where the model returns {len(expected)}"
                 )
             for want, have in zip(expected, got):
-                difference = (want - have).abs()
-                check.max_abs = max(check.max_abs, float(difference.max()) if difference.numel() else 0.0)
+                error = float((want - have).abs().max()) if want.numel() else 0.0
                 scale = float(want.abs().max()) if want.numel() else 1.0
-                check._scale = max(check._scale, scale)
-                check.max_rel = max(check.max_rel, check.max_abs / max(scale, 1e-12))
+                check.max_abs, check._scale = max(check.max_abs, error), max(check._scale, scale)
+                check.max_rel = max(check.max_rel, error / max(scale, 1e-12))  # this output's own
             head = expected[0]
             if head.dim() == 2 and head.shape[1] > 1 and head.is_floating_point():  # a classifier's scores
                 agrees = bool((head.argmax(1) == got[0].argmax(1)).all())

@@ -16,7 +16,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 _FRAMEWORK = tuple(
     str(ROOT / name)
-    for name in ("base", "utils", "logger", "parse_config", "builders.py", "train.py", "test.py")
+    for name in (
+        "base",
+        "utils",
+        "logger",
+        "parse_config",
+        "builders.py",
+        "train.py",
+        "test.py",
+        "export.py",
+        "preflight.py",
+    )
 )
 _LIBRARIES = tuple(
     {str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "purelib", "platlib")}

@@ -1,0 +1,61 @@
+"""The checkpoint's flat parts besides the monitor: where training stands (Progress) and every rank's global
+RNGs (RngStreams). Their fields sit at the checkpoint's top level, as pytorch-template's `epoch` does."""
+
+import logging
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
+from typing import Any, ClassVar, Mapping
+
+from utils import distributed
+from utils.seeding import derived_seed, rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs, batches of the next epoch already trained, optimizer steps,
+    and steps skipped for a non-finite loss."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+    epoch_lrs: dict = dataclass_field(default_factory=dict)  # at the epoch's start: its line after a resume
+
+    COUNTERS: ClassVar[tuple[str, ...]] = ("epoch", "batches_in_epoch", "global_step", "skipped_steps")
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
+        self.epoch_lrs = dict(state.get("epoch_lrs") or {})  # absent from checkpoints before 0.1
+
+
+class RngStreams:
+    """The global RNGs of every rank. Each rank continues its own stream; with another world size the streams
+    cannot continue, so they are derived anew from the seed, the step and the rank (the log says so, once)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def state_dict(self) -> dict:
+        per_rank = distributed.gather(rng_state()) if distributed.is_distributed() else None
+        return {"rng": rng_state(), "rng_per_rank": per_rank, "world_size": distributed.world_size()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        previous = state.get("world_size", 1)
+        if previous == distributed.world_size():
+            per_rank = state.get("rng_per_rank")
+            set_rng_state(per_rank[distributed.rank()] if per_rank else state["rng"])
+            return
+        logger.warning(
+            "Resuming %d processes from a checkpoint of %d: the data continues at the next unseen "
+            "sample, but the run cannot be bit-identical (reductions run in another order); RNGs are "
+            "derived anew from the seed and step",
+            distributed.world_size(),
+            previous,
+        )
+        seed_everything(derived_seed(self.seed, state["global_step"] * 4096 + distributed.rank()))
