@@ -200,6 +200,13 @@ def log_summary(config: Config, trainer: Any, run: Any, commands: Any, request: 
         logger.info("  export    %s", exporter.finish(best, run.checkpoints / "checkpoint-last.pth"))
 
 
+def trial_reporter(epochs: int) -> Any:
+    """The Optuna trial this run is, when sweep.py started it (else None)."""
+    from sweeps.reporter import from_environment
+
+    return from_environment(epochs)
+
+
 def check_export(config: Config) -> None:
     """The `export:` block's ONNX format needs its optional packages: say so before anything is written."""
     import importlib.util
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.is_main():
                 print(done)
             return 0
+        trainer.monitor.judge = trial_reporter(trainer.epochs)  # in a sweep, Optuna may prune the run
         layers = rehearse(config, trainer)  # one real batch through the run's code; still nothing written
         if request.fast_dev_run:
             return preflight.fast_dev_run(config, request, early, build_trainer, start_run)

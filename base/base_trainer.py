@@ -156,11 +156,7 @@ class BaseTrainer:
                 for epoch in range(self.progress.epoch + 1, self.epochs + 1):
                     log = self._epoch(epoch)
                     if self.monitor.should_stop:
-                        logger.info(
-                            "%s did not improve for %d epochs: stopping early.",
-                            self.monitor.metric,
-                            self.monitor.early_stop,
-                        )
+                        logger.info("%s", self.monitor.stop_reason)
                         break
             self.checkpointer.save_last(self.verified_state())  # the final state, whatever save_period
             self._finish(time.monotonic() - started, log)

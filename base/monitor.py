@@ -1,7 +1,7 @@
 """The monitored metric: best value so far, improvement, early stop."""
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from utils.errors import TrainingError
 
@@ -11,6 +11,8 @@ class Monitor:
     off. Its state is the three attributes named in STATE, stored under the same names in checkpoints."""
 
     STATE = ("monitor_best", "monitor_best_epoch", "not_improved_count")
+    # judge(epoch, value, best, best_epoch) -> why to stop now, or None: a sweep's pruner (sweeps/reporter.py)
+    Judge = Callable[[int, float, float, "int | None"], "str | None"]
 
     def __init__(self, monitor: tuple[str, str] | None, early_stop: int):
         self.mode, self.metric = monitor if monitor else ("off", None)
@@ -18,6 +20,8 @@ class Monitor:
         self.monitor_best = math.inf if self.mode == "min" else -math.inf
         self.monitor_best_epoch: int | None = None
         self.not_improved_count = 0
+        self.judge: Monitor.Judge | None = None
+        self.stopped_by: str | None = None
 
     def update(self, log: dict[str, float]) -> bool:
         """Whether this epoch is the best so far."""
@@ -34,11 +38,20 @@ class Monitor:
             self.monitor_best, self.monitor_best_epoch, self.not_improved_count = value, log.get("epoch"), 0
         else:
             self.not_improved_count += 1
+        if self.judge is not None:
+            self.stopped_by = self.judge(log.get("epoch"), value, self.monitor_best, self.monitor_best_epoch)
         return improved
 
     @property
     def should_stop(self) -> bool:
-        return self.early_stop > 0 and self.not_improved_count >= self.early_stop
+        return self.stopped_by is not None or 0 < self.early_stop <= self.not_improved_count
+
+    @property
+    def stop_reason(self) -> str:
+        """Why training stops before its last epoch, for the log."""
+        return self.stopped_by or (
+            f"{self.metric} did not improve for {self.early_stop} epochs: stopping early."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.STATE}
