@@ -26,8 +26,10 @@ def fast_dev_run(config: Config, request: Request, early: Any, build: Callable, 
 
     started, batches = time.monotonic(), request.fast_dev_run
     with tempfile.TemporaryDirectory(prefix="torchkiln-fast-dev-run-") as directory:
+        # its records stay in the temporary directory: no MLflow or W&B run outlives the dry run
         quiet = {"save_dir": directory, "epochs": 2, "len_epoch": batches, "save_period": 1, "verbosity": 0,
-                 "progress_bar": False, "early_stop": 0, "save_every_steps": 0}  # fmt: skip
+                 "progress_bar": False, "early_stop": 0, "save_every_steps": 0,
+                 "loggers": ["csv"]}  # fmt: skip
         data = {**config.data, "export": None, "trainer": {**config.trainer, **quiet}}
         config = dataclasses.replace(config, data=data)
         print(f"fast dev run: {batches} batches per stage, in {directory} (removed afterwards)")

@@ -39,6 +39,7 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     import torch
 
     import builders
+    from logger.report import chosen_hparams
     from parse_config.options import parse_monitor
     from parse_config.references import References
     from parse_config.shapes import eval_model_name
@@ -85,8 +86,13 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
         eval_model=eval_model_name(config.data),
     )
     trainer.speed = speed
+    trainer.hparams = chosen_hparams(config.data, config.overrides)
     if request.checkpoint is not None:
         trainer.restore(request.checkpoint, request.checkpoint_path, config.user_data, request.allow_inexact)
+        # a resume with a config file that changes the run is a fine-tune: new MLflow/W&B runs naming the
+        # ones they came from (overrides alone, as in training longer, continue the same runs)
+        with_file = config.source != str(request.checkpoint_path)
+        trainer.tracker_runs.fine_tune = with_file and request.checkpoint.get("config") != config.data
     return trainer, init_counts, refs.resolved
 
 
@@ -117,6 +123,8 @@ def start_run(
 ) -> Any:
     """Claim the run directory, write config.yaml with what `auto` and the `${...}` arguments became, and
     start logging into it."""
+    from base.base_data_loader import unseeded
+    from logger.run_record import start_record
     from utils.run_directory import claim_run_directory
 
     run = claim_run_directory(
@@ -139,6 +147,9 @@ def start_run(
         resolved.update({"references": references} if references else {})
         text = yaml.safe_dump({**config.data, "resolved": resolved}, sort_keys=False)
         (run.checkpoints / "config.yaml").write_text(text)
+        dataset = unseeded(trainer.data_loader.dataset)
+        command = ["torchrun" if distributed.launched_by_torchrun() else "python", "train.py", *request.argv]
+        start_record(run.checkpoints, command, config.data, trainer.device, dataset, request.checkpoint_path)
     setup_logging(run.logs, config.trainer["verbosity"], early, main=distributed.is_main())
     return run
 

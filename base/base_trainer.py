@@ -15,8 +15,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from logger import FILE_ONLY, FITTED
-from logger.report import Commands, epoch_line, flat_hparams
-from logger.writer import RunWriter
+from logger.report import Commands, chosen_hparams, epoch_line
+from logger.trackers import TrackerRuns
+from logger.writer import RunWriter, close_writer, open_writer
 from utils import distributed
 from utils.device import batch_to_device
 from utils.errors import TrainingError, TrainingInterrupted
@@ -95,6 +96,8 @@ class BaseTrainer:
         separate = {name: copy.deepcopy(m) if is_stateful(m) else m for name, m in metric_ftns.items()}
         self.valid_metrics = EpochMetrics(separate, device, loss_names)
         self.progress = Progress()
+        self.tracker_runs = TrackerRuns()  # MLflow and W&B run ids: --resume continues the same runs
+        self.hparams = chosen_hparams(self.config)  # train.py adds the keys given on its command line
         parts = run_parts(
             self.unwrapped_models,
             self.eval_name,
@@ -107,7 +110,7 @@ class BaseTrainer:
         )
         self.checkpointer = Checkpointer(
             parts,
-            [self.progress, self.monitor, RngStreams(seed)],
+            [self.progress, self.monitor, RngStreams(seed), self.tracker_runs],
             self.config,
             options["save_period"],
             options["keep_last"],
@@ -150,25 +153,28 @@ class BaseTrainer:
         checkpoint-last.pth written."""
         self._open_run(run)
         self.commands = commands or Commands()  # what the stop message tells to run next
-        started, log = time.monotonic(), {}
+        started, status = time.monotonic(), "failed"
         try:
             with self.stop_request, logging_redirect_tqdm():
                 for epoch in range(self.progress.epoch + 1, self.epochs + 1):
-                    log = self._epoch(epoch)
+                    self._epoch(epoch)
                     if self.monitor.should_stop:
                         logger.info("%s", self.monitor.stop_reason)
                         break
             self.checkpointer.save_last(self.verified_state())  # the final state, whatever save_period
-            self._finish(time.monotonic() - started, log)
+            self._finish(time.monotonic() - started)
+            status = "finished"
+        except TrainingInterrupted:
+            status = "killed"  # to be resumed: the trackers mark the run so until it is
+            raise
         finally:
-            self.writer.close()
+            close_writer(self.writer, self.run, status, time.monotonic() - started, self.global_step)
 
     def _open_run(self, run: RunPaths) -> None:
         """Where checkpoints and records go from now on; the writer opens here."""
         self.checkpointer.run_dir, self.run = run.checkpoints, run
         purge_step = self.global_step + 1 if self.resumed else None  # drop what a killed run logged later
-        main = distributed.is_main()  # rank 0 writes; every rank computes
-        self.writer = RunWriter(run.logs, self.options["tensorboard"] and main, main, purge_step)
+        self.writer = open_writer(run, self.options, self.config, self.hparams, self.tracker_runs, purge_step)
         self.writer.add_run_description(
             yaml.safe_dump(self.config, sort_keys=False), self.train_metrics.names
         )
@@ -185,16 +191,17 @@ class BaseTrainer:
         for schedule in self.schedules.values():
             schedule.after_epoch(log)
         improved = self.monitor.update(log)
+        self.progress.note_epoch(log, improved and self.monitor.mode != "off")
         self._log_epoch(log, time.monotonic() - started, improved)
         self.progress.epoch, self.progress.batches_in_epoch = epoch, 0
         self.checkpointer.save_epoch(self.verified_state, epoch, improved)
         self._stop_if_requested()
         return log
 
-    def _finish(self, seconds: float, log: dict[str, float]) -> None:
+    def _finish(self, seconds: float) -> None:
         self.elapsed = seconds
-        final = {key: value for key, value in log.items() if key != "epoch"}
-        self.writer.add_hparams(flat_hparams(self.config), final, self.global_step)
+        last, best = self.progress.last_log, self.progress.best_log
+        self.writer.add_hparams(self.hparams, last, best, self.global_step)
 
     def _log_epoch(self, log: dict[str, float], seconds: float, improved: bool) -> None:
         line = epoch_line(log["epoch"], self.epochs, log, seconds, improved, self.pace.summary())

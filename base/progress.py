@@ -22,6 +22,8 @@ class Progress:
     global_step: int = 0
     skipped_steps: int = 0
     epoch_lrs: dict = dataclass_field(default_factory=dict)  # at the epoch's start: its line after a resume
+    last_log: dict = dataclass_field(default_factory=dict)  # the last epoch's log, and the best epoch's:
+    best_log: dict = dataclass_field(default_factory=dict)  # what HParams and the trackers compare runs by
 
     COUNTERS: ClassVar[tuple[str, ...]] = ("epoch", "batches_in_epoch", "global_step", "skipped_steps")
 
@@ -32,6 +34,12 @@ class Progress:
         for name in self.COUNTERS:
             setattr(self, name, state[name])
         self.epoch_lrs = dict(state.get("epoch_lrs") or {})  # absent from checkpoints before 0.1
+        self.last_log, self.best_log = dict(state.get("last_log") or {}), dict(state.get("best_log") or {})
+
+    def note_epoch(self, log: dict[str, float], improved: bool) -> None:
+        self.last_log = {key: float(value) for key, value in log.items()}
+        if improved:
+            self.best_log = dict(self.last_log)
 
 
 class RngStreams:

@@ -1,6 +1,7 @@
 """What a person reads: the header that introduces a run, one line per epoch, and the summary at its end."""
 
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +197,21 @@ def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
+
+
+# the keys that differ between runs in practice: what the optimizer, schedule, batch, length and model are
+VARYING = re.compile(
+    r"(optimizer|lr_scheduler|arch|(optimizers|lr_schedulers|models)\.[^.]+)\.(type|args\..+)"
+    r"|data_loader\.args\.batch_size|trainer\.(epochs|accumulate_grad_batches|precision)|seed|loss(\..+)?"
+)
+
+
+def chosen_hparams(config: dict, overrides: list[str] | tuple = ()) -> dict[str, Any]:
+    """The hyperparameters worth comparing runs by (HParams tab, MLflow params, W&B config): the VARYING keys
+    and every key given on the command line, not all ~50 options."""
+    given = {text.partition("=")[0] for text in overrides}
+    return {
+        key: value
+        for key, value in flat_hparams(config).items()
+        if VARYING.fullmatch(key) or key in given or any(key.startswith(f"{g}.") for g in given)
+    }

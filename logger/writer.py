@@ -1,5 +1,5 @@
-"""The run's records: TensorBoard event files (through torch's SummaryWriter) and metrics.csv, behind one
-small interface; each writes only when it is on."""
+"""The run's records: TensorBoard event files (through torch's SummaryWriter), metrics.csv and the chosen
+trackers (MLflow, W&B: logger/trackers.py), behind one small interface; each writes only when it is on."""
 
 import csv
 from pathlib import Path
@@ -8,8 +8,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils import distributed
+
+from .run_record import finish_record
+from .trackers import TrackerRuns, logger_specs, open_trackers
+
 CSV_NAME = "metrics.csv"
 CSV_COLUMNS = ["step", "tag", "value"]
+
+
+def open_writer(
+    run: Any, options: dict, config: dict, hparams: dict, runs: TrackerRuns, purge_step: int | None
+) -> "RunWriter":
+    """The run's writer with the loggers `trainer.loggers` chose, on rank 0 (the other ranks compute only)."""
+    main = distributed.is_main()
+    names = [name for name, _ in logger_specs(options["loggers"])]
+    title = f"{config.get('name')}/{run.run_id}"
+    loggers = options["loggers"] if main else []
+    trackers = open_trackers(loggers, runs, title, options["save_dir"], run, hparams)
+    tensorboard = options["tensorboard"] and "tensorboard" in names and main
+    return RunWriter(run.logs, tensorboard, "csv" in names and main, purge_step, trackers)
+
+
+def close_writer(writer: "RunWriter", run: Any, status: str, seconds: float, steps: int) -> None:
+    """Complete run.json, give the trackers the run's files (config.yaml, run.json, info.log), and close."""
+    if distributed.is_main():
+        finish_record(run.checkpoints, status, seconds, steps)
+        files = [run.checkpoints / name for name in ("config.yaml", "run.json")]
+        writer.add_artifacts([*files, run.logs / "info.log"])
+    writer.close(status)
 
 
 class RunWriter:
@@ -17,9 +44,17 @@ class RunWriter:
     `purge_step` drops what a killed run logged past its last checkpoint, in both alike, so that resumed
     curves continue without gaps or duplicate rows."""
 
-    def __init__(self, log_dir: Path, tensorboard: bool, csv: bool, purge_step: int | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        tensorboard: bool,
+        csv: bool,
+        purge_step: int | None = None,
+        trackers: list[Any] | None = None,
+    ):
         self._writer = None
         self._csv = None
+        self.trackers = trackers or []  # MLflow, W&B (logger/trackers.py)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, paid only when used
 
@@ -33,6 +68,8 @@ class RunWriter:
                 self._writer.add_scalar(f"{prefix}/{name}", value, step)
             if self._csv:
                 self._csv.writerow([step, f"{prefix}/{name}", value])
+        for tracker in self.trackers:
+            tracker.scalars({f"{prefix}/{name}": value for name, value in values.items()}, step)
 
     def add_image_grid(self, tag: str, images: torch.Tensor, step: int) -> None:
         if self._writer:
@@ -54,23 +91,39 @@ class RunWriter:
         charts = {name: ["Multiline", [f"epoch/{name}", f"epoch/val_{name}"]] for name in metric_names}
         self._writer.add_custom_scalars({"train and validation": charts})
 
-    def add_hparams(self, hparams: dict[str, Any], final_metrics: dict[str, float], step: int) -> None:
-        """The HParams tab: this run's hyperparameters with its final metrics, in the run's own event file."""
+    def add_hparams(
+        self, hparams: dict[str, Any], last: dict[str, float], best: dict[str, float], step: int
+    ) -> None:
+        """The HParams tab (and each tracker's summary): this run's hyperparameters with its metrics at the
+        last epoch and at the best one."""
+        metrics = {f"last/{name}": value for name, value in last.items()}
+        metrics.update({f"best/{name}": value for name, value in best.items()})
+        for tracker in self.trackers:
+            tracker.hparams(hparams, metrics, step)
         if not self._writer:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        metrics = {f"hparams/{name}": value for name, value in final_metrics.items()}
-        for summary in hparams_summary(hparams, metrics):
+        tagged = {f"hparams/{name}": value for name, value in metrics.items()}
+        for summary in hparams_summary(hparams, tagged):
             self._writer.file_writer.add_summary(summary, step)
-        for tag, value in metrics.items():
+        for tag, value in tagged.items():
             self._writer.add_scalar(tag, value, step)
 
-    def close(self) -> None:
+    def add_artifacts(self, paths: list[Path]) -> None:
+        """Files the trackers keep with the run (config.yaml, info.log, run.json)."""
+        for tracker in self.trackers:
+            for path in paths:
+                tracker.artifact(Path(path))
+
+    def close(self, status: str = "finished") -> None:
+        """`status`: finished, killed (stopped by a signal, to be resumed) or failed."""
         if self._writer:
             self._writer.close()
         if self._csv:
             self._csv.close()
+        for tracker in self.trackers:
+            tracker.close(status)
 
 
 class _CsvRows:

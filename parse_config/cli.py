@@ -41,6 +41,7 @@ class Request:
     checkpoint: dict | None = None
     notices: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # an entry script's own flags (export.py's --format)
+    argv: list[str] = field(default_factory=list)  # the command line as given, for run.json
 
 
 def _options_help(project: dict[str, Option]) -> str:
@@ -165,6 +166,7 @@ def parse_args(
     from .validation import untrusted_downloads_off, validate
 
     request = Request("", bool(args.run_id), args.device, args.print_config, args.allow_inexact_resume)
+    request.argv = list(sys.argv[1:] if argv is None else argv)
     if args.fast_dev_run is not None and args.fast_dev_run < 1:
         raise ConfigError(f"--fast-dev-run: {args.fast_dev_run} batches; give 1 or more")
     request.fast_dev_run, request.find_lr, request.summary = args.fast_dev_run, args.find_lr, args.summary

@@ -181,6 +181,34 @@ def _gpus(value: Any) -> str | None:
     return f"must be auto or a count of GPUs (0 for the CPU), not {value!r}"
 
 
+def _loggers(value: Any) -> str | None:
+    """Names from LOGGERS, or {type, args}; a tracker whose package is missing is refused here, before any
+    side effect, with the extra that installs it."""
+    import importlib.util
+
+    from logger.trackers import ARGS, EXTRA, LOGGERS
+
+    from .resolution import close_match
+
+    if not isinstance(value, list):
+        return f"must be a list of loggers ({', '.join(LOGGERS)}), not {value!r}"
+    for item in value:
+        name = item.get("type") if isinstance(item, dict) else item
+        if not isinstance(name, str) or name not in LOGGERS:
+            return f"{name!r} is not one of {', '.join(LOGGERS)}{close_match(str(name), LOGGERS)}"
+        odd = isinstance(item, dict) and set(item) - {"type", "args"}
+        if odd or (isinstance(item, dict) and not isinstance(item.get("args") or {}, dict)):
+            return f"{item!r}: give a logger as its name, or as {{type: {name}, args: {{...}}}}"
+        takes = ARGS.get(name, ())
+        for key in (item.get("args") or {}) if isinstance(item, dict) else {}:
+            if key not in takes:
+                hint = close_match(key, takes) if takes else ""
+                return f"{name} takes no argument '{key}'{hint} (it takes {', '.join(takes) or 'none'})"
+        if name in EXTRA and importlib.util.find_spec(name) is None:
+            return f'{name} is not installed: pip install -e ".[{EXTRA[name]}]"'
+    return None
+
+
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 EXPORT_FORMATS, EXPORT_WHEN = ("both", "onnx", "pt2"), ("best", "end")
 
@@ -250,6 +278,11 @@ TRAINER = {
     "monitor": Option(_monitor, "off", "'min val_loss', 'max val_accuracy' or 'off': picks model_best.pth"),
     "early_stop": Option(integer(0), 0, "stop after N epochs without improvement (0: never)"),
     "tensorboard": Option(_boolean, True, "write TensorBoard event files to the log dir"),
+    "loggers": Option(
+        _loggers,
+        ["tensorboard", "csv"],
+        "where the run's records go: tensorboard, csv (metrics.csv), mlflow, wandb; {type, args} for options",
+    ),
     "tensorboard_images": Option(_boolean, False, "log an input image grid per epoch"),
     "tensorboard_histograms": Option(_boolean, False, "log parameter histograms per epoch"),
     "log_step": Option(integer(1), 10, "log the training loss and LR every N batches"),

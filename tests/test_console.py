@@ -191,6 +191,7 @@ def test_tensorboard_has_hparams_config_text_and_a_train_valid_layout(tmp_path):
                                                           "_hparams_/session_end_info"}
     assert list(events.PluginTagToContent("text")) == ["config/text_summary"]
     assert list(events.PluginTagToContent("custom_scalars")) == ["custom_scalars__config__"]
-    assert events.Scalars("hparams/val_loss")[0].value == pytest.approx(load(
+    assert events.Scalars("hparams/best/val_loss")[0].value == pytest.approx(load(
         run_dir(tmp_path, "tb") / "checkpoint-last.pth")["monitor_best"])
+    assert events.Scalars("hparams/last/val_loss")[0].value == events.Scalars("epoch/val_loss")[-1].value
     assert DATA_DIR in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()

@@ -71,7 +71,8 @@ def _linear_config(tmp_path, batch_size, **trainer):
 def test_two_processes_of_half_the_batch_equal_one_process(tmp_path):
     one = write_config(tmp_path, _linear_config(tmp_path, 32), "one.yaml")
     assert train.main(["-c", str(one), "--run-id", "one"]) == 0
-    two = write_config(tmp_path, _linear_config(tmp_path, 16, tensorboard=True), "two.yaml")
+    two = write_config(tmp_path, _linear_config(tmp_path, 16, tensorboard=True,
+                                                loggers=["tensorboard", "csv", "mlflow"]), "two.yaml")
     status, out, err = _finish(_torchrun(tmp_path, 2, "-c", str(two), "--run-id", "two"))
     assert status == 0, err
     single, double = (load(run_dir(tmp_path, run) / "checkpoint-last.pth") for run in ("one", "two"))
@@ -86,7 +87,12 @@ def test_two_processes_of_half_the_batch_equal_one_process(tmp_path):
     assert [name for name in files if "events.out" in name].__len__() == 1
     assert sorted(name.rsplit("/", 1)[1] for name in files if "events.out" not in name) == [
         "checkpoint-epoch1.pth", "checkpoint-epoch2.pth", "checkpoint-last.pth", "config.yaml", "info.log",
-        "metrics.csv", "model_best.pth"]
+        "metrics.csv", "model_best.pth", "run.json"]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/saved/mlflow.db")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # rank 0's alone
+    assert tracked.info.run_name == "tiny/two" and tracked.data.metrics["best/val_loss"] == double["monitor_best"]
+    assert len(client.get_metric_history(tracked.info.run_id, "epoch/val_loss")) == 2
 
     status, out, _ = _finish(subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "test.py"), "-r",

@@ -114,7 +114,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_rotation_spares_it(tmp_p
     run = run_dir(tmp_path, "full")
     assert capsys.readouterr().err == (f"error: could not save checkpoint {run}/checkpoint-epoch2.pth: No space left "
                                        "on device (ENOSPC); the previous one is intact\n")
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch1.pth", "config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch1.pth", "config.yaml", "run.json"]
     assert load(run / "checkpoint-epoch1.pth")["epoch"] == 1
 
 

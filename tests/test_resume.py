@@ -183,7 +183,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
                                        "(ENOSPC); "
                                        "the previous one is intact\n")
     assert load(last)["global_step"] == 4
-    assert sorted(p.name for p in last.parent.iterdir()) == ["checkpoint-last.pth", "config.yaml"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["checkpoint-last.pth", "config.yaml", "run.json"]
 
 
 NAN_LOSS = """import torch, torch.nn.functional as F

@@ -48,18 +48,28 @@ def test_the_readme_example_sweep_finishes_with_its_ledger_summary_and_a_run_per
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = _ledger(tmp_path, "mnist_sweep")
-    assert [int(row["number"]) for row in rows] == list(range(8))
+    assert [int(row["number"]) for row in rows] == list(range(5))
     assert {row["state"] for row in rows} <= {"COMPLETE", "PRUNED"} and "COMPLETE" in {row["state"] for row in rows}
     for row in rows:
         stored = yaml.safe_load((Path(tmp_path / row["run_dir"]) / "config.yaml").read_text())
         assert stored["lr_scheduler"]["args"]["max_lr"] == float(row["lr_scheduler.args.max_lr"])
         assert stored["data_loader"]["args"]["batch_size"] == int(row["data_loader.args.batch_size"])
-        assert stored["trainer"]["monitor"] == "max val_accuracy" and stored["trainer"]["epochs"] == 4
+        assert stored["trainer"]["monitor"] == "max val_accuracy" and stored["trainer"]["epochs"] == 3
     summary = (tmp_path / "saved/sweeps/mnist_sweep/summary.txt").read_text()
     best = max((row for row in rows if row["state"] == "COMPLETE"), key=lambda row: float(row["val_accuracy"]))
     assert f"best      trial {best['number']}: max val_accuracy" in summary
     assert f"retrain   python train.py -c saved/models/mnist_sweep/trial_{int(best['number']):03d}/config.yaml" in summary
     assert "importance " in summary and summary in done.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The one-trial sweep run without a stop: the weights an interrupted one must end with."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    (tmp_path / "go").touch()
+    reference = _sweep(_gated_sweep(tmp_path, "reference"), cwd=tmp_path)
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+    return load(tmp_path / "reference/saved/models/reference/trial_000/checkpoint-last.pth")
 
 
 def _gated_sweep(tmp_path, label):
@@ -76,12 +86,9 @@ def _gated_sweep(tmp_path, label):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_a_worker_stopped_mid_trial_continues_it_from_its_checkpoint_to_the_same_weights(tmp_path, how):
-    (tmp_path / "go").touch()
-    reference = _sweep(_gated_sweep(tmp_path, "reference"), cwd=tmp_path)
-    assert reference.wait(timeout=300) == 0, reference.communicate()
-    (tmp_path / "go").unlink()
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_worker_stopped_mid_trial_continues_it_from_its_checkpoint_to_the_same_weights(tmp_path, how,
+                                                                                         uninterrupted):
     path = _gated_sweep(tmp_path, "stopped")
     worker = _sweep(path, cwd=tmp_path)
     _wait_for(tmp_path / "at-gate", worker)  # the trial's run is inside its first epoch
@@ -102,7 +109,7 @@ def test_a_worker_stopped_mid_trial_continues_it_from_its_checkpoint_to_the_same
     assert "Resuming from" in (tmp_path / "stopped/saved/log/stopped/trial_000/info.log").read_text()
     trials = optuna.load_study(study_name="stopped", storage=f"sqlite:///{tmp_path}/stopped/saved/sweeps/stopped/study.db").trials
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE")]
-    first = load(tmp_path / "reference/saved/models/reference/trial_000/checkpoint-last.pth")
+    first = uninterrupted
     resumed = load(trial_dir / "checkpoint-last.pth")
     assert first["state_dict"].keys() == resumed["state_dict"].keys()
     assert all(torch.equal(first["state_dict"][key], resumed["state_dict"][key]) for key in first["state_dict"])
@@ -130,22 +137,22 @@ def test_workers_on_one_sqlite_study_run_the_requested_trials_once_each(tmp_path
     config = tiny_config(tmp_path, epochs=1)
     config["data_loader"]["type"] = f"{tmp_path}/recording.py:Recording"
     config["data_loader"]["args"]["seen"] = str(tmp_path / "seen.txt")
-    path = _sweep_file(tmp_path, write_config(tmp_path, config), trials=5, sampler="random", space=LR)
+    path = _sweep_file(tmp_path, write_config(tmp_path, config), trials=4, sampler="random", space=LR)
     jobs = _sweep(path, "--jobs", "2", "--devices", "3,5", cwd=tmp_path)  # two workers, one GPU id each
     alone = _sweep(path, cwd=tmp_path)  # and one more, as on another machine
     assert jobs.wait(timeout=300) == 0 and alone.wait(timeout=300) == 0, (jobs.communicate(), alone.communicate())
     trials = _study(tmp_path).trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4] and {t.state.name for t in trials} == {"COMPLETE"}
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3] and {t.state.name for t in trials} == {"COMPLETE"}
     runs = sorted(p.name for p in (tmp_path / "saved/models/s").iterdir())
-    assert runs == [f"trial_00{n}" for n in range(5)]
+    assert runs == [f"trial_00{n}" for n in range(4)]
     for trial in trials:
         stored = yaml.safe_load((tmp_path / f"saved/models/s/trial_00{trial.number}/config.yaml").read_text())
         assert stored["optimizer"]["args"]["lr"] == trial.params["optimizer.args.lr"]
         info = (tmp_path / f"saved/log/s/trial_00{trial.number}/info.log").read_text()
         assert info.count("Run s/trial_00") == 1  # trained once, by one worker
     seen = (tmp_path / "seen.txt").read_text().split()
-    assert set(seen) <= {"3", "5", "unset"} and len(seen) >= 5  # the rehearsal builds too: one per build
-    assert [row["state"] for row in _ledger(tmp_path)] == ["COMPLETE"] * 5
+    assert set(seen) <= {"3", "5", "unset"} and len(seen) >= 4  # one line per build of the loader
+    assert [row["state"] for row in _ledger(tmp_path)] == ["COMPLETE"] * 4
 
 
 @pytest.mark.slow
@@ -241,3 +248,21 @@ def test_an_objective_that_is_not_logged_is_refused_with_did_you_mean(tmp_path, 
     assert sweep.main(["-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert "trainer.monitor" in err and "val_accuracy" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_trial_under_torchrun_reports_from_rank_0_and_every_rank_stops_with_the_pruner(tmp_path):
+    config = tiny_config(tmp_path, epochs=3)
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    path = _sweep_file(tmp_path, write_config(tmp_path, config), trials=2, sampler="random", space=LR,
+                       pruner={"type": "median", "args": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+                       first=[{"optimizer.args.lr": 0.01}, {"optimizer.args.lr": 0.0001}])
+    done = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-c", str(path), "--launcher", launcher],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    good, bad = _study(tmp_path).trials
+    assert (good.state.name, bad.state.name) == ("COMPLETE", "PRUNED")
+    for number, epoch in ((0, 3), (1, 1)):
+        last = load(tmp_path / f"saved/models/s/trial_00{number}/checkpoint-last.pth")
+        assert last["world_size"] == 2 and last["epoch"] == epoch
+    assert good.value == load(tmp_path / "saved/models/s/trial_000/checkpoint-last.pth")["monitor_best"]

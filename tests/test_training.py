@@ -56,7 +56,8 @@ def test_end_to_end_on_bundled_digits(tmp_path, capsys):
     events.Reload()
     epoch_tags = {"lr", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", *(f"epoch/{tag}" for tag in epoch_tags),
-                                             *(f"hparams/{tag}" for tag in epoch_tags)}
+                                             *(f"hparams/{kind}/{tag}" for tag in epoch_tags for kind in ("last", "best")),
+                                             "hparams/last/epoch", "hparams/best/epoch"}
     assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 101, 5))
 
     assert test_script.main(["-r", str(run / "model_best.pth")]) == 0
