@@ -8,6 +8,7 @@ another), so the same command continues an interrupted sweep, and the same comma
 
 import argparse
 import importlib.util
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -64,22 +65,25 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, str, Path, Path]:
     save_dir = Path(base.trainer["save_dir"])
     sweep_dir = save_dir / "sweeps" / spec.name
     from parse_config.loading import load_config_file
-    from sweeps.study import locked, open_study, sqlite_url
+    from sweeps.study import locked, open_study, sqlite_url, storage_for
 
+    shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", args.storage or "")  # no password in messages
+    if args.storage:  # reachable before anything is written
+        _database(lambda: storage_for(args.storage), f"--storage {shown}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = args.storage or sqlite_url(sweep_dir)
     with locked(sweep_dir / "claim.lock"):
-        study = _open(spec, url, load_config_file(spec.config), args.storage, open_study)
+        study = _database(lambda: open_study(spec, url, load_config_file(spec.config)), shown or url)
     return spec, study, url, sweep_dir, save_dir
 
 
-def _open(spec: Any, url: str, base_data: dict, given: str | None, open_study: Any) -> Any:
+def _database(action: Any, where: str) -> Any:
+    """`action()`, with a database that cannot be reached or has no driver as one line."""
     import sqlalchemy.exc
 
     try:
-        return open_study(spec, url, base_data)
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, ModuleNotFoundError) as error:
-        where = f"--storage {given}" if given else url
+        return action()
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError, ImportError) as error:
         first_line = str(error).splitlines()[0]
         raise ConfigError(f"{where}: cannot open the study's database ({first_line})") from None
 

@@ -82,6 +82,10 @@ class Worker:
             return None
         if claim.resume and run.checkpoints.exists():
             self._wait_for(run, claim.number)
+        if (
+            self.stop_signal is not None
+        ):  # stopped while claiming: the trial waits, RUNNING, for the next worker
+            return 128 + self.stop_signal
         command = self._command(claim, run)
         print(self._announce(claim, run), flush=True)
         env = {**os.environ, **environment(self.url, self.spec.name, claim.number, self.spec.pruner)}

@@ -266,3 +266,17 @@ def test_a_trial_under_torchrun_reports_from_rank_0_and_every_rank_stops_with_th
         last = load(tmp_path / f"saved/models/s/trial_00{number}/checkpoint-last.pth")
         assert last["world_size"] == 2 and last["epoch"] == epoch
     assert good.value == load(tmp_path / "saved/models/s/trial_000/checkpoint-last.pth")["monitor_best"]
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("foo://bar", "Can't load plugin: sqlalchemy.dialects:foo"),
+    ("postgresql://me:secret@127.0.0.1:1/sweeps", ""),  # no driver here; with one, no server on port 1
+])
+def test_a_storage_that_cannot_be_opened_is_one_line_without_its_password_and_nothing_is_written(tmp_path, capsys,
+                                                                                                    url, problem):
+    path = _sweep_file(tmp_path, write_config(tmp_path, tiny_config(tmp_path)), trials=1, space=LR)
+    assert sweep.main(["-c", str(path), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    shown = url.replace(":secret@", ":***@")
+    assert err.startswith(f"error: --storage {shown}: cannot open the study's database ({problem}")
+    assert err.count("\n") == 1 and "secret" not in err and not (tmp_path / "saved").exists()

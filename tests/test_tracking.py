@@ -216,3 +216,14 @@ def test_hparams_hold_the_keys_that_vary_and_the_command_lines_and_the_best_epoc
     checkpoint = load(run_dir(tmp_path, "hp") / "checkpoint-last.pth")
     assert events.Scalars("hparams/best/val_loss")[0].value == pytest.approx(checkpoint["monitor_best"])
     assert events.Scalars("hparams/best/epoch")[0].value == checkpoint["monitor_best_epoch"]
+
+
+def test_a_resume_continues_the_same_wandb_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    reference = _reference(tmp_path, 0, loggers=["csv", "wandb"])
+    run_id = load(reference / MID)["tracker_runs"]["wandb"]
+    assert train.main(["-r", str(reference / MID)]) == 0  # as after a kill: into the same run
+    assert load(reference / "checkpoint-last.pth")["tracker_runs"] == {"wandb": run_id}
+    assert sorted((tmp_path / "saved/log/tiny/reference/wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert f"W&B run {run_id} continued" in (tmp_path / "saved/log/tiny/reference/info.log").read_text()
