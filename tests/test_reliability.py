@@ -350,19 +350,16 @@ def test_the_first_ctrl_c_on_a_hung_step_shows_where_each_process_is(tmp_path, w
         assert line, "".join(seen)
         seen.append(line)
     assert any(line.startswith("Ctrl-C: finishing the current step, then saving") for line in seen), "".join(seen)
-    if workers:  # which batch the hung worker loads, and the gated sample among its indices (the other
-        # worker, if caught loading its own batch, has its line too, in either order)
-        hung = "(now sample 100)"
-        while not any(line.startswith("DataLoader worker pid") and hung in line for line in seen):
-            line = process.stderr.readline()
-            assert line, "".join(seen)
-            seen.append(line)
-        loading = next(line for line in seen if line.startswith("DataLoader worker pid") and hung in line)
-        assert re.match(r"DataLoader worker pid \d+ is loading batch \d+ \(now sample 100\): \[[\d, ]+\]$",
-                        loading.strip()), loading
-        assert "100" in loading.split(": [")[1].rstrip("]\n").split(", "), loading
     (tmp_path / "go").touch()
-    process.communicate(timeout=300)
+    rest = process.stderr.read()  # after readline, through the same buffer (communicate() would skip it)
+    process.wait(timeout=300)
+    if workers:  # which batch the hung worker loads, with the gated sample among its indices (the other worker,
+        # when caught loading its own batch, has a line too, in either order)
+        lines = [line.strip() for line in [*seen, *rest.splitlines()] if line.startswith("DataLoader worker pid")]
+        hung = [line for line in lines if "(now sample 100)" in line]
+        assert len(hung) == 1, "".join(seen) + rest
+        assert re.match(r"DataLoader worker pid \d+ is loading batch \d+ \(now sample 100\): \[[\d, ]+\]$", hung[0])
+        assert "100" in hung[0].split(": [")[1].rstrip("]").split(", "), hung[0]
     assert process.returncode == 130 and (run_dir(tmp_path, "hung") / "checkpoint-last.pth").is_file()
 
 
