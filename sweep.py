@@ -51,7 +51,7 @@ def validate_trial(spec: Any) -> Any:
     return validate
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, Any, str, Path, Path]:
+def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, str, Path, Path]:
     """The sweep file checked against the base config, and its study opened (created the first time); only
     then is anything written. ConfigError otherwise."""
     from sweeps.spec import check_against_base, load_sweep
@@ -69,12 +69,14 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, str, Path, Path]:
 
     shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", args.storage or "")  # no password in messages
     if args.storage:  # reachable before anything is written
-        _database(lambda: storage_for(args.storage), f"--storage {shown}")
+        storage = _database(lambda: storage_for(args.storage), f"--storage {shown}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = args.storage or sqlite_url(sweep_dir)
+    if not args.storage:
+        storage = _database(lambda: storage_for(url), url)
     with locked(sweep_dir / "claim.lock"):
-        study = _database(lambda: open_study(spec, url, load_config_file(spec.config)), shown or url)
-    return spec, study, url, sweep_dir, save_dir
+        study = _database(lambda: open_study(spec, storage, load_config_file(spec.config)), shown or url)
+    return spec, study, storage, url, sweep_dir, save_dir
 
 
 def _database(action: Any, where: str) -> Any:
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser().parse_args(argv)
     try:
-        spec, study, url, sweep_dir, save_dir = prepare(args)
+        spec, study, storage, url, sweep_dir, save_dir = prepare(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         status = run_jobs(args.jobs, gpu_ids(args), worker_args)
     else:
         launcher = shlex.split(args.launcher)
-        status = Worker(spec, study, url, sweep_dir, save_dir, launcher).work()
+        status = Worker(spec, study, storage, url, sweep_dir, save_dir, launcher).work()
     if args.worker:
         return status
     write_ledger(study, spec, sweep_dir, save_dir)

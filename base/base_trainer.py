@@ -8,7 +8,6 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -174,10 +173,8 @@ class BaseTrainer:
         """Where checkpoints and records go from now on; the writer opens here."""
         self.checkpointer.run_dir, self.run = run.checkpoints, run
         purge_step = self.global_step + 1 if self.resumed else None  # drop what a killed run logged later
-        self.writer = open_writer(run, self.options, self.config, self.hparams, self.tracker_runs, purge_step)
-        self.writer.add_run_description(
-            yaml.safe_dump(self.config, sort_keys=False), self.train_metrics.names
-        )
+        records = (self.config, self.hparams, self.tracker_runs)
+        self.writer = open_writer(run, self.options, *records, purge_step, self.train_metrics.names)
 
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train and validate one epoch, then log it, step the scheduler and save what is due."""

@@ -129,15 +129,17 @@ def start_record(
 
 
 def finish_record(run_dir: Path, status: str, seconds: float, steps: int) -> None:
-    """Add how the run (or this part of it) ended, its training seconds over every part so far, its steps
-    and the checkpoints it left."""
+    """Add how the run (or this part of it) ended, its training seconds over every part so far, its steps,
+    and at a run's end the checkpoints it left."""
     path = run_dir / RECORD
     if not path.is_file():
         return
     record = json.loads(path.read_text())
     parts = record.setdefault("part_seconds", [])  # one per start that stopped cleanly (kill -9 leaves none)
     parts.append(round(seconds, 3))
-    record.update(status=status, seconds=round(sum(parts), 3), steps=steps, checkpoints=_digests(run_dir))
+    record.update(status=status, seconds=round(sum(parts), 3), steps=steps)
+    if status == "finished":  # not on a stop by signal, which must exit within its grace period
+        record["checkpoints"] = _digests(run_dir)
     try:
         _write(path, record)
     except OSError as error:  # a full disk: the run's own error, already on its way, is the one to show

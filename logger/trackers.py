@@ -92,7 +92,7 @@ class MlflowTracker:
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(self.run_id, params=params[start : start + 100])
         runs.ids[self.name] = self.run_id
-        self.pending: list[Any] = []
+        self.pending: Any = None  # the last batch handed to MLflow's background thread
         how = "continued" if runs.continued(self.name) else "started"
         logger.info("MLflow run %s %s in %s (experiment %s)", self.run_id, how, uri, experiment_name)
 
@@ -101,8 +101,10 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         points = [Metric(k, v, now, step) for k, v in values.items() if step > self.logged.get(k, -1)]
-        if points:  # sent from a background thread: the training step does not wait for the database
-            self.pending.append(self.client.log_batch(self.run_id, metrics=points, synchronous=False))
+        if points:  # written by a background thread; one batch in flight at a time bounds the queue
+            if self.pending is not None:
+                self.pending.wait()  # done long since, unless logging outpaces the database
+            self.pending = self.client.log_batch(self.run_id, metrics=points, synchronous=False)
 
     def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
         self.scalars(metrics, step)
@@ -112,8 +114,8 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path))
 
     def close(self, status: str) -> None:
-        for operation in self.pending:
-            operation.wait()
+        if self.pending is not None:
+            self.pending.wait()
         self.client.set_terminated(self.run_id, status.upper())
 
 

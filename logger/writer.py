@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from utils import distributed
@@ -18,16 +19,25 @@ CSV_COLUMNS = ["step", "tag", "value"]
 
 
 def open_writer(
-    run: Any, options: dict, config: dict, hparams: dict, runs: TrackerRuns, purge_step: int | None
+    run: Any,
+    options: dict,
+    config: dict,
+    hparams: dict,
+    runs: TrackerRuns,
+    purge_step: int | None,
+    metric_names: list[str],
 ) -> "RunWriter":
-    """The run's writer with the loggers `trainer.loggers` chose, on rank 0 (the other ranks compute only)."""
+    """The run's writer with the loggers `trainer.loggers` chose, on rank 0 (the other ranks compute only),
+    with the config and the train/validation chart layout written."""
     main = distributed.is_main()
     names = [name for name, _ in logger_specs(options["loggers"])]
     title = f"{config.get('name')}/{run.run_id}"
     loggers = options["loggers"] if main else []
     trackers = open_trackers(loggers, runs, title, options["save_dir"], run, hparams)
     tensorboard = options["tensorboard"] and "tensorboard" in names and main
-    return RunWriter(run.logs, tensorboard, "csv" in names and main, purge_step, trackers)
+    writer = RunWriter(run.logs, tensorboard, "csv" in names and main, purge_step, trackers)
+    writer.add_run_description(yaml.safe_dump(config, sort_keys=False), metric_names)
+    return writer
 
 
 def close_writer(writer: "RunWriter", run: Any, status: str, seconds: float, steps: int) -> None:

@@ -3,6 +3,7 @@
 loading     files and overrides (bounded, safe YAML)      options      the option table
 validation  every problem at once, with key paths          resolution   type names, trust policy
 loaders, callables, schedulers: each section kind, checked and built in one place
+logger_choice  trainer.loggers, checked (a tracker's package installed)
 config      Config: the data and the factory               cli          the command line
 compat      pytorch-template's ConfigParser and old keys
 

@@ -7,6 +7,8 @@ its own keys in the same form in `trainer/options.py`. Imports no torch: `--help
 import inspect
 from typing import Any, Callable, NamedTuple
 
+from .logger_choice import check_loggers
+
 REQUIRED = object()
 
 
@@ -181,34 +183,6 @@ def _gpus(value: Any) -> str | None:
     return f"must be auto or a count of GPUs (0 for the CPU), not {value!r}"
 
 
-def _loggers(value: Any) -> str | None:
-    """Names from LOGGERS, or {type, args}; a tracker whose package is missing is refused here, before any
-    side effect, with the extra that installs it."""
-    import importlib.util
-
-    from logger.trackers import ARGS, EXTRA, LOGGERS
-
-    from .resolution import close_match
-
-    if not isinstance(value, list):
-        return f"must be a list of loggers ({', '.join(LOGGERS)}), not {value!r}"
-    for item in value:
-        name = item.get("type") if isinstance(item, dict) else item
-        if not isinstance(name, str) or name not in LOGGERS:
-            return f"{name!r} is not one of {', '.join(LOGGERS)}{close_match(str(name), LOGGERS)}"
-        odd = isinstance(item, dict) and set(item) - {"type", "args"}
-        if odd or (isinstance(item, dict) and not isinstance(item.get("args") or {}, dict)):
-            return f"{item!r}: give a logger as its name, or as {{type: {name}, args: {{...}}}}"
-        takes = ARGS.get(name, ())
-        for key in (item.get("args") or {}) if isinstance(item, dict) else {}:
-            if key not in takes:
-                hint = close_match(key, takes) if takes else ""
-                return f"{name} takes no argument '{key}'{hint} (it takes {', '.join(takes) or 'none'})"
-        if name in EXTRA and importlib.util.find_spec(name) is None:
-            return f'{name} is not installed: pip install -e ".[{EXTRA[name]}]"'
-    return None
-
-
 _section = of_type(dict, "a mapping with 'type' and 'args'")
 EXPORT_FORMATS, EXPORT_WHEN = ("both", "onnx", "pt2"), ("best", "end")
 
@@ -279,7 +253,7 @@ TRAINER = {
     "early_stop": Option(integer(0), 0, "stop after N epochs without improvement (0: never)"),
     "tensorboard": Option(_boolean, True, "write TensorBoard event files to the log dir"),
     "loggers": Option(
-        _loggers,
+        check_loggers,
         ["tensorboard", "csv"],
         "where the run's records go: tensorboard, csv (metrics.csv), mlflow, wandb; {type, args} for options",
     ),

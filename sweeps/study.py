@@ -73,14 +73,14 @@ def make_sampler(spec: SweepSpec, seed: int) -> Any:
     return getattr(optuna.samplers, SAMPLERS[kind])(**args)
 
 
-def open_study(spec: SweepSpec, url: str, base_data: dict) -> Any:
+def open_study(spec: SweepSpec, storage: Any, base_data: dict) -> Any:
     """The sweep's study, created on first use with what it was begun with; refused when the sweep file or
     the base config changed since (the number of trials may grow)."""
     import optuna
 
     definition = json.loads(json.dumps({**spec.definition(), "base_config": base_data}, default=str))
     study = optuna.create_study(
-        storage=storage_for(url),
+        storage=storage,
         study_name=spec.name,
         direction=spec.direction,
         pruner=make_pruner(spec.pruner),

@@ -22,7 +22,7 @@ from utils.run_directory import RunPaths
 from .ledger import trial_run, write_ledger
 from .reporter import environment
 from .spec import SweepSpec
-from .study import Claim, claim_next, storage_for
+from .study import Claim, claim_next
 
 TRAIN = Path(__file__).resolve().parent.parent / "train.py"
 
@@ -38,10 +38,17 @@ class Worker:
     """Takes trials from the study one at a time and runs each to its end."""
 
     def __init__(
-        self, spec: SweepSpec, study: Any, url: str, sweep_dir: Path, save_dir: Path, launcher: list[str]
+        self,
+        spec: SweepSpec,
+        study: Any,
+        storage: Any,
+        url: str,
+        sweep_dir: Path,
+        save_dir: Path,
+        launcher: list[str],
     ):
-        self.spec, self.study, self.url = spec, study, url
-        self.storage = storage_for(url)
+        """`storage` is the study's (the trials' reports are read through it); `url` goes to each trial."""
+        self.spec, self.study, self.storage, self.url = spec, study, storage, url
         self.study_id = self.storage.get_study_id_from_name(spec.name)
         self.sweep_dir, self.save_dir, self.launcher = sweep_dir, save_dir, launcher
         self.stop_signal: int | None = None
@@ -82,9 +89,7 @@ class Worker:
             return None
         if claim.resume and run.checkpoints.exists():
             self._wait_for(run, claim.number)
-        if (
-            self.stop_signal is not None
-        ):  # stopped while claiming: the trial waits, RUNNING, for the next worker
+        if self.stop_signal is not None:  # came while claiming: the trial waits, RUNNING, for a worker
             return 128 + self.stop_signal
         command = self._command(claim, run)
         print(self._announce(claim, run), flush=True)
