@@ -68,15 +68,20 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, str, Path, Path]:
     from sweeps.study import locked, open_study, sqlite_url, storage_for
 
     shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", args.storage or "")  # no password in messages
-    if args.storage:  # reachable before anything is written
-        storage = _database(lambda: storage_for(args.storage), f"--storage {shown}")
+    if args.storage:  # reachable before anything is written (a connection only: no tables yet)
+        _database(lambda: _connect(args.storage), f"--storage {shown}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = args.storage or sqlite_url(sweep_dir)
-    if not args.storage:
-        storage = _database(lambda: storage_for(url), url)
-    with locked(sweep_dir / "claim.lock"):
+    with locked(sweep_dir / "claim.lock"):  # workers starting together create the tables once
+        storage = _database(lambda: storage_for(url), shown or url)
         study = _database(lambda: open_study(spec, storage, load_config_file(spec.config)), shown or url)
     return spec, study, storage, url, sweep_dir, save_dir
+
+
+def _connect(url: str) -> None:
+    import sqlalchemy
+
+    sqlalchemy.create_engine(url).connect().close()
 
 
 def _database(action: Any, where: str) -> Any:
