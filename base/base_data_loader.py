@@ -12,7 +12,7 @@ from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
 from utils.seeding import derived_seed
-from utils.signals import shielded_iter
+from utils.workers import shielded_iter
 
 
 def _seed_batch(seed: int) -> None:

@@ -22,7 +22,8 @@ from utils.device import batch_to_device
 from utils.errors import TrainingError, TrainingInterrupted
 from utils.metrics import EpochMetrics, is_stateful
 from utils.run_directory import RunPaths
-from utils.signals import Shielded, StopRequest, shield_workers
+from utils.signals import StopRequest
+from utils.workers import Shielded, shield_workers
 
 from .base_data_loader import BatchStream
 from .checkpointer import Checkpointer, run_parts

@@ -3,9 +3,12 @@ moments, and hostile config files. Each ends in the right exit status with a res
 import collections
 import errno
 import logging
+import multiprocessing
+import multiprocessing.resource_sharer
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -17,6 +20,8 @@ from test_train_step import LINEAR_NET, _assert_equal_states
 
 import train
 import utils.checkpoint
+import utils.user_code
+import utils.workers
 from conftest import ROOT, files_under, load, run_dir, tiny_config, write_config
 
 PREEMPTER = '''import os, pathlib, signal, torch
@@ -163,6 +168,38 @@ def test_a_dying_worker_is_one_line_and_no_hang(tmp_path):
     assert not list(run_dir(tmp_path, "dies").glob(".*.tmp"))
     for checkpoint in run_dir(tmp_path, "dies").glob("*.pth"):
         load(checkpoint)  # every file that exists is whole
+
+
+class _DiesMidHandoff:
+    """Batches from a 'worker' that exits with status 3 while its batch's handoff connection is refused: what
+    the training process sees when a DataLoader worker dies after queueing a batch but before it has exited
+    (torch then finds every worker alive and passes the bare ConnectionRefusedError on)."""
+
+    def __init__(self, socket_path):
+        self.socket_path = socket_path
+
+    def __iter__(self):
+        self.worker = multiprocessing.Process(target=os._exit, args=(3,))
+        self.worker.start()
+        return self._batches()
+
+    def _batches(self):
+        yield torch.zeros(1)
+        with socket.socket(socket.AF_UNIX) as unlistened:
+            unlistened.bind(str(self.socket_path))
+            multiprocessing.resource_sharer._resource_sharer.get_connection((str(self.socket_path), 0))
+
+
+def test_a_worker_that_dies_mid_handoff_is_reported_as_its_death_not_a_connection_error(tmp_path):
+    loader = _DiesMidHandoff(tmp_path / "handoff.sock")
+    batches = utils.workers.shielded_iter(loader)
+    next(batches)
+    with pytest.raises(RuntimeError) as raised:
+        next(batches)
+    pid = loader.worker.pid
+    assert str(raised.value) == f"DataLoader worker (pid(s) {pid}) exited unexpectedly with exit code 3"
+    assert utils.user_code.worker_death(raised.value).startswith(
+        f"DataLoader worker (pid(s) {pid}) exited unexpectedly with exit code 3; the last good checkpoint is kept")
 
 
 def _bomb(levels=9):

@@ -355,11 +355,10 @@ def test_the_first_ctrl_c_on_a_hung_step_shows_where_each_process_is(tmp_path, w
     process.wait(timeout=300)
     if workers:  # which batch the hung worker loads, with the gated sample among its indices (the other worker,
         # when caught loading its own batch, has a line too, in either order)
-        lines = [line.strip() for line in [*seen, *rest.splitlines()] if line.startswith("DataLoader worker pid")]
-        hung = [line for line in lines if "(now sample 100)" in line]
-        assert len(hung) == 1, "".join(seen) + rest
-        assert re.match(r"DataLoader worker pid \d+ is loading batch \d+ \(now sample 100\): \[[\d, ]+\]$", hung[0])
-        assert "100" in hung[0].split(": [")[1].rstrip("]").split(", "), hung[0]
+        printed = "".join(seen) + rest
+        hung = re.findall(r"DataLoader worker pid \d+ is loading batch \d+ \(now sample 100\): \[([\d, ]+)\]\n", printed)
+        assert len(hung) == 1, printed
+        assert "100" in hung[0].split(", "), hung[0]
     assert process.returncode == 130 and (run_dir(tmp_path, "hung") / "checkpoint-last.pth").is_file()
 
 
