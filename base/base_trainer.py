@@ -115,6 +115,7 @@ class BaseTrainer:
             options["save_period"],
             options["keep_last"],
             options["save_every_steps"],
+            options["background_saves"],
         )
         self.stop_request = StopRequest()
         for loader in (data_loader, valid_data_loader):
@@ -161,13 +162,14 @@ class BaseTrainer:
                     if self.monitor.should_stop:
                         logger.info("%s", self.monitor.stop_reason)
                         break
-            self.checkpointer.save_last(self.verified_state())  # the final state, whatever save_period
+            self.checkpointer.save_last(self.verified_state(), wait=True)  # the final state, any save_period
             self._finish(time.monotonic() - started)
             status = "finished"
         except TrainingInterrupted:
             status = "killed"  # to be resumed: the trackers mark the run so until it is
             raise
         finally:
+            self.checkpointer.settle()
             close_writer(self.writer, self.run, status, time.monotonic() - started, self.global_step)
 
     def _open_run(self, run: RunPaths) -> None:
@@ -311,7 +313,7 @@ class BaseTrainer:
             requested = distributed.any_rank(requested, self.device)
         if not requested:
             return
-        path = self.checkpointer.save_last(self.verified_state())
+        path = self.checkpointer.save_last(self.verified_state(), wait=True)
         number = self.stop_request.signal or signal.SIGTERM
         resume = self.commands.resume(path)
         raise TrainingInterrupted(

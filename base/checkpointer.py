@@ -7,6 +7,7 @@ RNGs are stored flat, as they have been since the first format (and `state_dict`
 pytorch-template's meaning). Two models are two named entries, not a second code path.
 """
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -29,10 +30,11 @@ from utils.checkpoint import (
     save_checkpoint,
     sync_directory,
 )
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.seeding import rng_state
 from utils.weights import check_optimizer_fits, load_model_state
 
+from .background_saves import BackgroundSaves, snapshot
 from .base_data_loader import BatchStream
 from .progress import Progress
 
@@ -105,7 +107,8 @@ def describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
 class Checkpointer:
     """Epoch files every `save_period` (newest `keep_last` kept), model_best.pth on improvement, and
     checkpoint-last.pth every `save_every_steps` optimizer steps or when a signal stops training. `flat`
-    parts store their fields at the top level; `config` is the run's config, stored as the record of it."""
+    parts store their fields at the top level; `config` is the run's config, stored as the record of it.
+    The files are written on a thread, in order, while training goes on; flush() waits for them."""
 
     def __init__(
         self,
@@ -115,9 +118,11 @@ class Checkpointer:
         save_period: int = 1,
         keep_last: int = 0,
         save_every_steps: int = 0,
+        in_background: bool = True,
     ):
         self.parts, self.flat, self.config = parts, flat, config
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
+        self.saves = BackgroundSaves(in_background)  # every file operation, in order
         self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
         self._newest: tuple[Path, tuple[int, int, int]] | None = None  # the last epoch file, and its progress
         self.exporter: Any = None  # the config's `export:` block (base/export_job.py), told of each new best
@@ -145,8 +150,10 @@ class Checkpointer:
         if epoch % self.save_period and not improved:
             return
         state = make_state()
-        if not self.writes:
-            return
+        if self.writes:
+            self.saves.submit(functools.partial(self._write_epoch, snapshot(state), epoch, improved))
+
+    def _write_epoch(self, state: dict, epoch: int, improved: bool) -> None:
         path = None
         if epoch % self.save_period == 0:
             path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
@@ -165,15 +172,32 @@ class Checkpointer:
         if self.save_every_steps and global_step % self.save_every_steps == 0:
             self.save_last(make_state())
 
-    def save_last(self, state: dict) -> Path:
+    def save_last(self, state: dict, wait: bool = False) -> Path:
         """checkpoint-last.pth: a second name for the newest epoch file when it holds this very state (the end
-        of a run), else a file of its own."""
+        of a run), else a file of its own. `wait`: return once it is on disk (a stop, the end of a run)."""
         path = self.run_dir / LAST
         if self.writes:
-            newest, at = self._newest or (None, None)
-            same = newest is not None and newest.exists() and at == progress_of(state)
-            link_or_save(newest if same else None, state, path)
+            self.saves.submit(functools.partial(self._write_last, snapshot(state), path))
+        if wait:
+            self.flush()
         return path
+
+    def _write_last(self, state: dict, path: Path) -> None:
+        newest, at = self._newest or (None, None)
+        same = newest is not None and newest.exists() and at == progress_of(state)
+        link_or_save(newest if same else None, state, path)
+
+    def flush(self) -> None:
+        """Wait until the checkpoints asked for are on disk; a failed write (a full disk) is raised here."""
+        self.saves.wait()
+
+    def settle(self) -> None:
+        """flush() while another error ends the run: the write in progress completes, and its own failure is
+        logged rather than raised over the error that ends the run."""
+        try:
+            self.saves.wait()
+        except TrainingError as error:
+            logger.error("%s", error)
 
     def _prune(self) -> None:
         if not self.keep_last:

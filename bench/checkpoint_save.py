@@ -1,10 +1,11 @@
 """Time added by checkpoints for the MNIST model: one atomic save, and a training epoch with a save every
-step; and what the content digests cost (computed on every save, verified on every load), for the MNIST
-model's state and for a 100 MB state.
+step; what the content digests cost (computed on every save, verified on every load), for the MNIST
+model's state and for a 100 MB state; and what a 100 MB save costs the training thread in the background.
 
 Run from the repository root: python bench/checkpoint_save.py
 """
 
+import functools
 import io
 import statistics
 import sys
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, like train.py
 
 import train  # noqa: E402
+from base.background_saves import BackgroundSaves, snapshot  # noqa: E402
 from model.model import MnistModel  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     content_digests,  # noqa: E402
@@ -105,6 +107,35 @@ def digest_costs(state: dict, directory: Path) -> None:
             f"{name:<20} digests {digests:8.2f} ms; atomic save with them {save:8.2f} ms; load + verify "
             f"{load:8.2f} ms (torch.load alone {load_unverified:8.2f} ms)"
         )
+    background_cost(large, directory)
+
+
+def compute(steps: int = 150) -> None:
+    """Stand-in training: matrix products, which release the GIL as a model's kernels do."""
+    x = torch.randn(512, 512)
+    for _ in range(steps):
+        x = torch.tanh(x @ x / 512)
+
+
+def background_cost(payload: dict, directory: Path) -> None:
+    """What the training thread pays for a checkpoint written in the background (trainer.background_saves):
+    the CPU copy taken before it goes on, and the slowdown of training running beside the write."""
+    saves, path = BackgroundSaves(), directory / "background.pth"
+    alone = median_ms(compute, 3)
+    written = median_ms(lambda: save_checkpoint(payload, path), 3)
+    copy = median_ms(lambda: snapshot(payload), 3)
+
+    def compute_beside_a_write() -> None:
+        saves.submit(functools.partial(save_checkpoint, snapshot(payload), path))
+        compute()
+        saves.wait()
+
+    beside = median_ms(compute_beside_a_write, 3)
+    print(
+        f"100 MiB state in the background: the training thread waits {copy:.0f} ms for the copy, not "
+        f"{written:.0f} ms for the write; {alone:.0f} ms of compute beside the write take {beside:.0f} ms "
+        f"(copy and wait for the end included)"
+    )
 
 
 if __name__ == "__main__":

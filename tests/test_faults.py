@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import train
 import utils.checkpoint
 import utils.user_code
 import utils.workers
+from base.base_trainer import BaseTrainer
 from conftest import ROOT, files_under, load, run_dir, tiny_config, write_config
 
 PREEMPTER = '''import os, pathlib, signal, torch
@@ -348,7 +350,48 @@ def test_sigterm_during_a_checkpoint_save_finishes_the_save_then_stops(tmp_path,
     path = write_config(tmp_path, tiny_config(tmp_path, save_every_steps=2))
     assert train.main(["-c", str(path), "--run-id", "saving"]) == 143
     run = run_dir(tmp_path, "saving")
-    assert not list(run.glob(".*.tmp")) and load(run / "checkpoint-last.pth")["global_step"] == 4
+    # step 4's file is written on a thread while training goes on: the stop comes after the step the training
+    # thread is on when it sees the signal, at the latest step 6, whose save first waits for step 4's to end
+    assert not list(run.glob(".*.tmp")) and 4 <= load(run / "checkpoint-last.pth")["global_step"] <= 6
+
+
+def test_a_checkpoint_written_while_training_goes_on_holds_its_own_step_bit_for_bit(tmp_path, monkeypatch):
+    """Epoch 1's file is held back on its thread until training is two steps into epoch 2 (8 steps an epoch):
+    it holds epoch 1's weights and optimizer state all the same, as a file written before training went on
+    does (background_saves: false)."""
+    config = tiny_config(tmp_path, epochs=2)
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "waited",
+                       "trainer.background_saves=false"]) == 0
+    real_save, epoch_2_underway = torch.save, threading.Event()
+
+    def held_back_save(obj, file):
+        if obj["epoch"] == 1:
+            assert epoch_2_underway.wait(timeout=120), "the save held up training"
+        real_save(obj, file)
+
+    after_step = BaseTrainer.after_optimizer_step
+
+    def noting_step_10(self, *args):
+        after_step(self, *args)
+        if self.global_step == 10:
+            epoch_2_underway.set()
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", held_back_save)
+    monkeypatch.setattr(BaseTrainer, "after_optimizer_step", noting_step_10)
+    assert train.main(["-c", str(write_config(tmp_path, config)), "--run-id", "background"]) == 0
+    waited, background = (load(run_dir(tmp_path, run) / "checkpoint-epoch1.pth") for run in ("waited", "background"))
+    _assert_equal_states(waited, background)
+    assert _same(waited["metrics"], background["metrics"]) and _same(waited["rng"], background["rng"])
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
 
 
 @pytest.mark.slow

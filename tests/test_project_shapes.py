@@ -46,6 +46,7 @@ def _keep_copy_at(step, monkeypatch, name="mid.pth"):
     def save_and_copy(self, make_state, global_step):
         save_step(self, make_state, global_step)
         if global_step == step:
+            self.flush()  # written on a thread
             shutil.copy(self.run_dir / "checkpoint-last.pth", self.run_dir / name)
 
     monkeypatch.setattr(Checkpointer, "maybe_save_step", save_and_copy)

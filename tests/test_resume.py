@@ -32,6 +32,7 @@ def _reference(tmp_path, workers, **trainer):
     def save_and_keep_a_copy(self, make_state, global_step):
         save_step(self, make_state, global_step)
         if global_step == MID_EPOCH_2_STEP:
+            self.flush()  # written on a thread
             shutil.copy(self.run_dir / "checkpoint-last.pth", self.run_dir / MID)
 
     with pytest.MonkeyPatch.context() as patch:

@@ -288,9 +288,9 @@ def test_16_mixed_checkpoints_hold_the_scaler_and_checkpointer_saves_at_window_e
     saved_at = []
     save_last = Checkpointer.save_last
 
-    def record(self, state):
+    def record(self, state, wait=False):
         saved_at.append((state["batches_in_epoch"], state["global_step"]))
-        return save_last(self, state)
+        return save_last(self, state, wait)
 
     monkeypatch.setattr(Checkpointer, "save_last", record)
     run = _train(tmp_path, "fp16", _config(tmp_path, epochs=1, precision="16-mixed", accumulate_grad_batches=3,

@@ -178,6 +178,7 @@ def test_foreign_dataloader_resumes_exactly_mid_epoch(tmp_path, project, monkeyp
     def keep_step_8(self, make_state, global_step):
         save_step(self, make_state, global_step)
         if global_step == 8:
+            self.flush()  # written on a thread
             (self.run_dir / "mid.pth").write_bytes((self.run_dir / "checkpoint-last.pth").read_bytes())
 
     monkeypatch.setattr(Checkpointer, "maybe_save_step", keep_step_8)
