@@ -139,7 +139,9 @@ def start_run(
         run.logs.mkdir(parents=True, exist_ok=True)
         loaders = {"data_loader": trainer.data_loader, "valid_data_loader": trainer.valid_data_loader}
         resolved = {"device": str(trainer.device)}
-        resolved.update({key: trainer.options[key] for key in ("precision", "channels_last")})
+        resolved.update(
+            {key: trainer.options[key] for key in ("precision", "channels_last", "background_saves")}
+        )
         for key, loader in loaders.items():
             if loader is not None:
                 resolved[key] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory}

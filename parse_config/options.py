@@ -248,7 +248,9 @@ TRAINER = {
     "save_period": Option(integer(1), 1, "write checkpoint-epoch<N>.pth every N epochs"),
     "keep_last": Option(integer(0), 0, "keep only the newest K epoch checkpoints (0 keeps all)"),
     "save_every_steps": Option(integer(0), 0, "write checkpoint-last.pth every N optimizer steps (0: off)"),
-    "background_saves": Option(_boolean, True, "write checkpoints on a thread while training goes on"),
+    "background_saves": Option(
+        _boolean_or_auto, "auto", "write checkpoints on a thread while training goes on (auto: on a GPU)"
+    ),
     "verbosity": Option(choice(0, 1, 2), 2, "0 warnings, 1 info, 2 debug (the project's loggers only)"),
     "monitor": Option(_monitor, "off", "'min val_loss', 'max val_accuracy' or 'off': picks model_best.pth"),
     "early_stop": Option(integer(0), 0, "stop after N epochs without improvement (0: never)"),

@@ -45,24 +45,29 @@ def test_deterministic_turns_cudnn_benchmark_off_and_says_so():
 
 
 @pytest.mark.parametrize("device, models, expected", [
-    (CPU, CNN, ["precision 32, channels_last off (auto: fastest on the CPU)"]),
-    (CPU, MLP, ["precision 32 (auto: fastest on the CPU); channels_last off (auto: no 2-D convolutions)"]),
+    (CPU, CNN, ["precision 32, channels_last off, background_saves off (auto: fastest on the CPU)"]),
+    (CPU, MLP, ["precision 32, background_saves off (auto: fastest on the CPU); channels_last off (auto: no 2-D "
+                "convolutions)"]),
 ])
 def test_the_header_says_what_auto_chose_and_why(device, models, expected):
-    options = {"precision": "auto", "channels_last": "auto", "deterministic": False}
+    options = {"precision": "auto", "channels_last": "auto", "background_saves": "auto", "deterministic": False}
     resolved, speed = builders.fast_options(options, device, models)
     assert speed == expected and resolved["precision"] == "32" and resolved["channels_last"] is False
-    _, nothing_auto = builders.fast_options({**options, "precision": "32", "channels_last": False}, device, models)
+    assert resolved["background_saves"] is False
+    chosen = {"precision": "32", "channels_last": False, "background_saves": True}
+    _, nothing_auto = builders.fast_options({**options, **chosen}, device, models)
     assert nothing_auto == [], "settings the config chose are not repeated"
 
 
 def test_on_cuda_the_header_lists_each_choice_with_its_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    options = {"precision": "auto", "channels_last": "auto", "deterministic": True}
+    options = {"precision": "auto", "channels_last": "auto", "background_saves": "auto", "deterministic": True}
     resolved, speed = builders.fast_options(options, CUDA, CNN)
-    assert (resolved["precision"], resolved["channels_last"]) == ("bf16-mixed", True)
+    assert (resolved["precision"], resolved["channels_last"], resolved["background_saves"]) == ("bf16-mixed", True,
+                                                                                                True)
     assert speed == ["precision bf16-mixed (auto: the GPU has bfloat16); channels_last on (auto: convolutions on "
-                     "CUDA); cudnn.benchmark off (deterministic: true)"]
+                     "CUDA); background_saves on (auto: the host is free while the CUDA trains); cudnn.benchmark off "
+                     "(deterministic: true)"]
 
 
 def test_config_yaml_records_what_auto_became_and_keeps_auto_for_the_next_machine(tmp_path):
@@ -76,3 +81,4 @@ def test_config_yaml_records_what_auto_became_and_keeps_auto_for_the_next_machin
     written = yaml.safe_load((run_dir(tmp_path, "auto") / "config.yaml").read_text())
     assert (written["trainer"]["precision"], written["trainer"]["channels_last"]) == ("auto", "auto")
     assert (written["resolved"]["precision"], written["resolved"]["channels_last"]) == ("32", False)
+    assert written["trainer"]["background_saves"] == "auto" and written["resolved"]["background_saves"] is False

@@ -1,8 +1,9 @@
 """What `auto` becomes for the settings that make training fast on a GPU, each with the reason the header
 prints: bf16 autocast where the GPU has bfloat16, channels_last for convolutional models, fused optimizer
-kernels, cudnn.benchmark. On the CPU the plain settings are the fast ones (bf16 autocast and channels_last
-are slower on most CPUs). An explicit value in the config always wins. `deterministic: true` turns off
-cudnn.benchmark (its algorithm choice varies between runs) and says so; the other choices are deterministic.
+kernels, cudnn.benchmark, checkpoints written in the background. On the CPU the plain settings are the fast
+ones (bf16 autocast and channels_last are slower on most CPUs, and a background write takes the training's
+cores). An explicit value in the config always wins. `deterministic: true` turns off cudnn.benchmark (its
+algorithm choice varies between runs) and says so; the other choices are deterministic.
 """
 
 import inspect
@@ -71,6 +72,16 @@ def optimizer_kernels(optimizer_class: Any, args: dict, device: torch.device) ->
     if device.type == "cuda" and takes_fused:
         return Choice({"fused": True}, "auto: CUDA")
     return Choice({}, "")
+
+
+def choose_background_saves(setting: bool | str, device: torch.device) -> Choice:
+    """`auto`: checkpoints written on a thread while a GPU trains, when the host's cores are idle; on the CPU
+    the write takes cores the training's kernels use, and costs more beside them than before them."""
+    if setting != "auto":
+        return Choice(bool(setting), "set")
+    if device.type == "cpu":
+        return Choice(False, "auto: fastest on the CPU")
+    return Choice(True, f"auto: the host is free while the {device.type.upper()} trains")
 
 
 def cudnn_benchmark(device: torch.device, deterministic: bool) -> Choice:
