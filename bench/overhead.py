@@ -68,8 +68,10 @@ class SyntheticImages(TensorDataset):
         )
 
 
-def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autocast) -> None:
-    """The hand-written loop: the textbook steps, metrics summed on the device, the same validation."""
+def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autocast) -> tuple[float, float]:
+    """The hand-written loop: the textbook steps, metrics summed on the device, the same validation. Returns
+    the seconds its training and its validation took."""
+    start = time.perf_counter()
     model.train()
     sums = torch.zeros(3)
     for data, target in train_batches:
@@ -82,6 +84,7 @@ def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autoc
         sums += torch.stack(
             [loss.detach().float(), accuracy(output, target), top_k_acc(output, target)]
         ) * len(target)
+    trained = time.perf_counter()
     model.eval()
     valid_sums = torch.zeros(3)
     with torch.no_grad():
@@ -93,6 +96,7 @@ def plain_epoch(model, optimizer, criterion, train_batches, valid_batches, autoc
                 [loss.float(), accuracy(output, target), top_k_acc(output, target)]
             ) * len(target)
     torch.stack([sums, valid_sums]).tolist()  # read the epoch's means back once, as torchkiln does
+    return trained - start, time.perf_counter() - trained
 
 
 def build(config_path: str, save_dir: str, precision: str, *overrides: str):
@@ -149,32 +153,60 @@ def interleaved(name: str, trainer, plain, pairs: int) -> tuple[str, float, floa
     ratio. torchkiln's epochs run back to back within a block, as in a run, so that an epoch's checkpoint
     is written while the next one trains; a block's time includes waiting for its last checkpoint."""
     plain_times, kiln_times, control_times = [], [], []
+    phases = {"plain train": [], "plain valid": [], "kiln train": [], "kiln valid": [], "kiln rest": []}
+    timed_phases(trainer, phases)
     epochs = iter(range(1, 1_000_000))
     for round_index in range(pairs + 1):  # the first round warms everything up and is not counted
         start = time.perf_counter()
-        for _ in range(BLOCK):
-            plain_epoch(*plain)
+        plain_phases = [plain_epoch(*plain) for _ in range(BLOCK)]
         middle = time.perf_counter()
+        phased = len(phases["kiln train"])
         for _ in range(BLOCK):
             trainer._epoch(next(epochs))
         trainer.checkpointer.flush()
         end = time.perf_counter()
-        for _ in range(BLOCK):
-            plain_epoch(*plain)
+        plain_phases += [plain_epoch(*plain) for _ in range(BLOCK)]
         control = time.perf_counter()
-        if round_index > 0:
-            plain_times.append((middle - start) / BLOCK)
-            kiln_times.append((end - middle) / BLOCK)
-            control_times.append((control - end) / BLOCK)
+        if round_index == 0:
+            phases["kiln train"].clear()
+            phases["kiln valid"].clear()
+            continue
+        plain_times.append((middle - start) / BLOCK)
+        kiln_times.append((end - middle) / BLOCK)
+        control_times.append((control - end) / BLOCK)
+        phases["plain train"] += [train for train, _ in plain_phases]
+        phases["plain valid"] += [valid for _, valid in plain_phases]
+        in_loops = sum(phases["kiln train"][phased:]) + sum(phases["kiln valid"][phased:])
+        phases["kiln rest"].append((end - middle - in_loops) / BLOCK)
     plain_median, kiln_median = statistics.median(plain_times), statistics.median(kiln_times)
     baseline = statistics.median(plain_times + control_times)
+    medians = {phase: 1000 * statistics.median(times) for phase, times in phases.items()}
     print(
         f"{name:<28} plain {plain_median:7.3f} s/epoch   torchkiln {kiln_median:7.3f} s/epoch   "
         f"ratio {kiln_median / baseline:.3f}   (control: plain/plain "
-        f"{statistics.median(control_times) / plain_median:.3f})",
+        f"{statistics.median(control_times) / plain_median:.3f})\n"
+        f"{'':<28} torchkiln's extra per epoch: training loop "
+        f"{medians['kiln train'] - medians['plain train']:+.1f} ms, validation "
+        f"{medians['kiln valid'] - medians['plain valid']:+.1f} ms, the rest (logging, monitor, "
+        f"checkpoint) {medians['kiln rest']:+.1f} ms",
         flush=True,
     )
     return name, plain_median, kiln_median, kiln_median / baseline
+
+
+def timed_phases(trainer, phases: dict[str, list[float]]) -> None:
+    """Record the seconds of each of the trainer's training and validation loops."""
+    for method, phase in (("_train_epoch", "kiln train"), ("_valid_epoch", "kiln valid")):
+        loop = getattr(trainer, method)
+
+        def timed(*args, loop=loop, phase=phase):
+            start = time.perf_counter()
+            try:
+                return loop(*args)
+            finally:
+                phases[phase].append(time.perf_counter() - start)
+
+        setattr(trainer, method, timed)
 
 
 def startup() -> None:
