@@ -10,7 +10,8 @@ so that machine noise (here +-15% between processes) hits both alike; the ratio 
 Also prints the startup cost: `--print-config` and the time to the first training step, each against
 `python -c "import torch, torchvision"`.
 
-Run from the repository root: python bench/overhead.py [--pairs 5] [--precision 32|bf16-mixed]
+Run from the repository root:
+python bench/overhead.py [--pairs 5] [--precision 32|bf16-mixed] [--background-saves auto|true|false]
 """
 
 import argparse
@@ -240,6 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5, help="timed epoch pairs per workload")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    parser.add_argument("--background-saves", default="auto", choices=["auto", "true", "false"])
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
@@ -248,7 +250,8 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as directory:
-        trainer, plain = build("configs/mnist.yaml", directory, args.precision)
+        saves = f"trainer.background_saves={args.background_saves}"
+        trainer, plain = build("configs/mnist.yaml", directory, args.precision, saves)
         interleaved("MNIST LeNet (mnist.yaml)", trainer, plain, args.pairs)
         wide = [
             f"arch.type={__file__}:WideCNN",
@@ -258,7 +261,7 @@ def main() -> None:
             "loss=nll_loss",
             "optimizer.args.lr=1e-3",
         ]
-        trainer, plain = build("configs/mnist.yaml", directory, args.precision, *wide)
+        trainer, plain = build("configs/mnist.yaml", directory, args.precision, saves, *wide)
         interleaved("Wide CNN 3x64x64 (synthetic)", trainer, plain, args.pairs)
     startup()
 
