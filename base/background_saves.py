@@ -23,24 +23,26 @@ class BackgroundSaves:
     """Runs save jobs on a thread, one at a time and in order, so that a hard link to a file or a deletion
     comes after the write it depends on. `submit` first waits for the job before it (memory holds at most
     one snapshot being written); a job's error (a full disk) is raised by the next `submit` or `wait`, in
-    the training thread. `in_background=False` runs each job before `submit` returns."""
+    the training thread. `in_background=False` runs each job on the live state before `submit` returns."""
 
     def __init__(self, in_background: bool = True):
         self.in_background = in_background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[..., None], state: dict, *args: Any) -> None:
+        """Run `job(state, *args)`; in the background on a snapshot of `state`."""
         self.wait()
         if not self.in_background:
-            job()
+            job(state, *args)
             return
-        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-save", daemon=True)
+        work = (job, snapshot(state), *args)
+        self._thread = threading.Thread(target=self._run, args=work, name="checkpoint-save", daemon=True)
         self._thread.start()
 
-    def _run(self, job: Callable[[], None]) -> None:
+    def _run(self, job: Callable[..., None], *args: Any) -> None:
         try:
-            job()
+            job(*args)
         except BaseException as error:  # handed to the training thread, which reports it
             self._error = error
 

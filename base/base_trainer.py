@@ -108,15 +108,9 @@ class BaseTrainer:
             self.train_metrics,
             self.batches,
         )
-        self.checkpointer = Checkpointer(
-            parts,
-            [self.progress, self.monitor, RngStreams(seed), self.tracker_runs],
-            self.config,
-            options["save_period"],
-            options["keep_last"],
-            options["save_every_steps"],
-            options["background_saves"],
-        )
+        flat = [self.progress, self.monitor, RngStreams(seed), self.tracker_runs]
+        saving = {name: options[name] for name in Checkpointer.OPTIONS}
+        self.checkpointer = Checkpointer(parts, flat, self.config, **saving)
         self.stop_request = StopRequest()
         for loader in (data_loader, valid_data_loader):
             shield_workers(loader)

@@ -7,7 +7,6 @@ RNGs are stored flat, as they have been since the first format (and `state_dict`
 pytorch-template's meaning). Two models are two named entries, not a second code path.
 """
 
-import functools
 import logging
 import re
 from pathlib import Path
@@ -34,7 +33,7 @@ from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.seeding import rng_state
 from utils.weights import check_optimizer_fits, load_model_state
 
-from .background_saves import BackgroundSaves, snapshot
+from .background_saves import BackgroundSaves
 from .base_data_loader import BatchStream
 from .progress import Progress
 
@@ -108,7 +107,10 @@ class Checkpointer:
     """Epoch files every `save_period` (newest `keep_last` kept), model_best.pth on improvement, and
     checkpoint-last.pth every `save_every_steps` optimizer steps or when a signal stops training. `flat`
     parts store their fields at the top level; `config` is the run's config, stored as the record of it.
-    The files are written on a thread, in order, while training goes on; flush() waits for them."""
+    With `background_saves` the files are written on a thread, in order, while training goes on; flush()
+    waits for them. OPTIONS are the trainer options it takes."""
+
+    OPTIONS = ("save_period", "keep_last", "save_every_steps", "background_saves")
 
     def __init__(
         self,
@@ -118,11 +120,11 @@ class Checkpointer:
         save_period: int = 1,
         keep_last: int = 0,
         save_every_steps: int = 0,
-        in_background: bool = True,
+        background_saves: bool = False,
     ):
         self.parts, self.flat, self.config = parts, flat, config
         self.save_period, self.keep_last, self.save_every_steps = save_period, keep_last, save_every_steps
-        self.saves = BackgroundSaves(in_background)  # every file operation, in order
+        self.saves = BackgroundSaves(background_saves)  # every file operation, in order
         self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
         self._newest: tuple[Path, tuple[int, int, int]] | None = None  # the last epoch file, and its progress
         self.exporter: Any = None  # the config's `export:` block (base/export_job.py), told of each new best
@@ -151,7 +153,7 @@ class Checkpointer:
             return
         state = make_state()
         if self.writes:
-            self.saves.submit(functools.partial(self._write_epoch, snapshot(state), epoch, improved))
+            self.saves.submit(self._write_epoch, state, epoch, improved)
 
     def _write_epoch(self, state: dict, epoch: int, improved: bool) -> None:
         path = None
@@ -177,7 +179,7 @@ class Checkpointer:
         of a run), else a file of its own. `wait`: return once it is on disk (a stop, the end of a run)."""
         path = self.run_dir / LAST
         if self.writes:
-            self.saves.submit(functools.partial(self._write_last, snapshot(state), path))
+            self.saves.submit(self._write_last, state, path)
         if wait:
             self.flush()
         return path
