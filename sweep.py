@@ -8,13 +8,12 @@ another), so the same command continues an interrupted sweep, and the same comma
 
 import argparse
 import importlib.util
-import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from utils.errors import ConfigError, exit_after
+from utils.errors import ConfigError, exit_after, without_password
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -67,7 +66,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, str, Path, Path]:
     from parse_config.loading import load_config_file
     from sweeps.study import locked, open_study, sqlite_url, storage_for
 
-    shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", args.storage or "")  # no password in messages
+    shown = without_password(args.storage or "")
     if args.storage:  # reachable before anything is written (a connection only: no tables yet)
         _database(lambda: _connect(args.storage), f"--storage {shown}")
     sweep_dir.mkdir(parents=True, exist_ok=True)

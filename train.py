@@ -232,6 +232,15 @@ def check_export(config: Config) -> None:
                 )
 
 
+def check_trackers(config: Config) -> None:
+    """A chosen MLflow server that does not answer is one line before anything is written."""
+    from logger.trackers import server_problem
+
+    problem = server_problem(config.trainer["loggers"])
+    if problem:
+        raise ConfigError(config.located("trainer.loggers", problem))
+
+
 def export_job(config: Config, commands: "Commands") -> Any:
     from base.export_job import ExportJob
 
@@ -295,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if request.find_lr:
             return preflight.find_lr(config, request, trainer, references, early, start_run)
         check_export(config)
+        check_trackers(config)
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts, layers)
         if config["export"] and distributed.is_main():

@@ -9,9 +9,13 @@ same values at the same steps.
 """
 
 import logging
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from utils.errors import without_password
 
 logger = logging.getLogger(__name__)
 TRACKERS = ("mlflow", "wandb")
@@ -41,6 +45,49 @@ class TrackerRuns:
 
     def parent(self, name: str) -> str | None:
         return self.previous.get(name) if self.fine_tune else None
+
+
+ONE_QUICK_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def server_problem(loggers: list) -> str | None:
+    """Why a chosen MLflow tracking server cannot be used, or None. It is asked once, without MLflow's retries
+    (minutes of back-off), before the run directory is claimed: a server that is down or a wrong address is
+    one line, with nothing written. A local store (no tracking_uri, a file or database URI) is not asked."""
+    for name, args in logger_specs(loggers):
+        uri = str(args.get("tracking_uri") or "")
+        if name != "mlflow" or not uri.startswith(("http://", "https://")):
+            continue
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        before = {key: os.environ.get(key) for key in ONE_QUICK_TRY}
+        os.environ.update(ONE_QUICK_TRY)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except MlflowException as error:
+            server = f"the tracking server {without_password(uri)} ({_reason(error)})"
+            return (
+                f"mlflow cannot use {server}; start it or correct tracking_uri, or leave tracking_uri out to "
+                "log to save_dir/mlflow.db"
+            )
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = value
+    return None
+
+
+def _reason(error: Exception) -> str:
+    """`Connection refused`, `it answered with error code 401`: the cause inside MLflow's long message."""
+    text = str(error)
+    refused = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    answered = re.search(r"error code (\d+)", text)
+    if refused or answered:
+        return refused.group(1) if refused else f"it answered with error code {answered.group(1)}"
+    return text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
 
 
 def logger_specs(loggers: list) -> list[tuple[str, dict]]:

@@ -76,8 +76,8 @@ class RunWriter:
         for name, value in values.items():
             if self._writer:
                 self._writer.add_scalar(f"{prefix}/{name}", value, step)
-            if self._csv:
-                self._csv.writerow([step, f"{prefix}/{name}", value])
+        if self._csv:
+            self._csv.writerows([[step, f"{prefix}/{name}", value] for name, value in values.items()])
         for tracker in self.trackers:
             tracker.scalars({f"{prefix}/{name}": value for name, value in values.items()}, step)
 
@@ -140,8 +140,9 @@ class _CsvRows:
     def __init__(self, file: Any):
         self._file, self._rows = file, csv.writer(file)
 
-    def writerow(self, row: list) -> None:
-        self._rows.writerow(row)
+    def writerows(self, rows: list[list]) -> None:
+        """Written through at once (one flush per call): a killed run keeps every row it logged."""
+        self._rows.writerows(rows)
         self._file.flush()
 
     def close(self) -> None:
@@ -158,5 +159,5 @@ def _open_csv(path: Path, purge_step: int | None) -> _CsvRows:
     is_new = not path.is_file() or path.stat().st_size == 0
     rows = _CsvRows(path.open("a", newline=""))
     if is_new:
-        rows.writerow(CSV_COLUMNS)
+        rows.writerows([CSV_COLUMNS])
     return rows

@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -102,6 +103,19 @@ def test_a_chosen_logger_that_is_not_installed_is_one_line_before_anything_is_wr
     assert capsys.readouterr().err == (f"error: {path}: trainer.loggers: {logger} is not installed: "
                                        f"pip install -e \".[{extra}]\"\n")
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize("uri, shown", [("http://127.0.0.1:1", "http://127.0.0.1:1"),
+                                        ("http://ada:s3cret@127.0.0.1:1/", "http://ada:***@127.0.0.1:1/")])
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_anything_is_written(tmp_path, capsys, uri, shown):
+    config = tiny_config(tmp_path, loggers=["csv", {"type": "mlflow", "args": {"tracking_uri": uri}}])
+    path = write_config(tmp_path, config)
+    assert train.main(["-c", str(path)]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: trainer.loggers: mlflow cannot use the tracking server {shown} "
+                                       "(Connection refused); start it or correct tracking_uri, or leave tracking_uri "
+                                       "out to log to save_dir/mlflow.db\n")
+    assert not (tmp_path / "saved").exists()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # MLflow's own retries are back for the run
 
 
 def test_an_unknown_logger_or_argument_is_one_line_with_did_you_mean(tmp_path, capsys):

@@ -4,6 +4,7 @@ exit."""
 import logging
 import multiprocessing
 import os
+import re
 import sys
 
 
@@ -39,3 +40,8 @@ def exit_after(status: int) -> None:
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def without_password(url: str) -> str:
+    """`scheme://user:***@host/...`: a URL fit for a message or a log line."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
