@@ -89,13 +89,15 @@ def init_from(models: dict[str, nn.Module], config: Config) -> dict[str, dict[st
 def fast_options(
     options: dict[str, Any], device: torch.device, models: list[nn.Module]
 ) -> tuple[dict[str, Any], list[str]]:
-    """The trainer options with `auto` precision, channels_last and background_saves decided for this device
-    and these models, and the header's list of what `auto` chose and why (utils/fast_defaults.py)."""
+    """The trainer options with each `auto` speed setting decided for this device and these models, and the
+    header's list of what `auto` chose and why (utils/fast_defaults.py)."""
     precision = fast_defaults.choose_precision(options["precision"], device)
     channels_last = fast_defaults.choose_channels_last(options["channels_last"], device, models)
     benchmark = fast_defaults.cudnn_benchmark(device, options["deterministic"])
     saves = fast_defaults.choose_background_saves(options["background_saves"], device)
+    host_memory = fast_defaults.choose_host_memory(options["reuse_host_memory"])
     choices = {"precision": precision, "channels_last": channels_last, "background_saves": saves}
+    choices["reuse_host_memory"] = host_memory
     speed = fast_defaults.described({**choices, "cudnn.benchmark": benchmark})
     chosen = {name: choice.value for name, choice in choices.items()}
     return {**options, **chosen}, [speed] if speed else []

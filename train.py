@@ -43,6 +43,7 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
     from parse_config.options import parse_monitor
     from parse_config.references import References
     from parse_config.shapes import eval_model_name
+    from utils import fast_defaults
     from utils.device import check_precision, gpus_wanted, prepare_device
     from utils.seeding import seed_everything, set_determinism
 
@@ -63,6 +64,8 @@ def build_trainer(config: Config, request: Request) -> tuple[Any, dict[str, dict
         found = torch.cuda.device_count()
         speed.insert(0, f"n_gpu {found} (auto: {'visible GPUs' if found else 'no GPU visible, the CPU'})")
     check_precision(options["precision"], device)
+    if options["reuse_host_memory"] and not fast_defaults.keep_host_memory():
+        logger.warning("trainer.reuse_host_memory is on, but this process's malloc is not glibc's: no effect")
     models = {name: builders.place_model(model, device, options) for name, model in models.items()}
     losses = {
         name: loss.to(device) if isinstance(loss, torch.nn.Module) else loss
@@ -139,9 +142,8 @@ def start_run(
         run.logs.mkdir(parents=True, exist_ok=True)
         loaders = {"data_loader": trainer.data_loader, "valid_data_loader": trainer.valid_data_loader}
         resolved = {"device": str(trainer.device)}
-        resolved.update(
-            {key: trainer.options[key] for key in ("precision", "channels_last", "background_saves")}
-        )
+        chosen = ("precision", "channels_last", "background_saves", "reuse_host_memory")
+        resolved.update({key: trainer.options[key] for key in chosen})
         for key, loader in loaders.items():
             if loader is not None:
                 resolved[key] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory}

@@ -251,6 +251,11 @@ TRAINER = {
     "background_saves": Option(
         _boolean_or_auto, "auto", "write checkpoints on a thread while training goes on (auto: on a GPU)"
     ),
+    "reuse_host_memory": Option(
+        _boolean_or_auto,
+        "auto",
+        "keep freed host memory for the next batch (glibc's malloc tuned; auto: where it is untuned)",
+    ),
     "verbosity": Option(choice(0, 1, 2), 2, "0 warnings, 1 info, 2 debug (the project's loggers only)"),
     "monitor": Option(_monitor, "off", "'min val_loss', 'max val_accuracy' or 'off': picks model_best.pth"),
     "early_stop": Option(integer(0), 0, "stop after N epochs without improvement (0: never)"),

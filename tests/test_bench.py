@@ -14,4 +14,5 @@ def test_the_gpu_benchmark_runs_each_variant_in_its_small_mode():
     for model in ("ResNet-18 (small)", "ViT tiny (small)"):
         for variant in ("(a) typical", "(b) tuned", "(c) torchkiln"):
             assert re.search(rf"^{re.escape(model)} +{re.escape(variant)} +[\d,]+ ", result.stdout, re.M), result.stdout
-    assert "speed row: precision 32, channels_last off, background_saves off (auto: fastest on the CPU)" in result.stdout
+    assert ("speed row: precision 32, channels_last off, background_saves off (auto: fastest on the CPU); "
+            "reuse_host_memory on (auto: glibc's malloc)") in result.stdout

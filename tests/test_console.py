@@ -93,7 +93,8 @@ def test_header_and_summary(tmp_path, capsys):
         "  data     train 256 samples in 8 batches of 32; valid 64 samples in 2 batches of 32",
         "  length   2 epochs x 8 steps = 16 optimizer steps",
         "  device   cpu, precision 32; workers 0, pin_memory false",
-        "  speed    precision 32, channels_last off, background_saves off (auto: fastest on the CPU)",
+        "  speed    precision 32, channels_last off, background_saves off (auto: fastest on the CPU); "
+        "reuse_host_memory on (auto: glibc's malloc)",
         "  model    MnistModel, 21,840 parameters (21,840 trainable)",
         "  monitor  min val_loss (* marks a new best)",
         "  run dir  saved/models/tiny/h",

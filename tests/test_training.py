@@ -40,6 +40,7 @@ def test_end_to_end_on_bundled_digits(tmp_path, capsys):
     written = yaml.safe_load((run / "config.yaml").read_text())
     resolved = written.pop("resolved")
     assert resolved == {"device": "cpu", "precision": "32", "channels_last": False, "background_saves": False,
+                        "reuse_host_memory": True,
                         **{key: {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
                                             for key in ("data_loader", "valid_data_loader")}}
     assert written["data_loader"]["args"]["num_workers"] == 0, "what was asked stays next to what it resolved to"
