@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from logger import FILE_ONLY, buffer_early_records, flush_early_records, setup_logging
+from logger import FILE_ONLY, FITTED, buffer_early_records, flush_early_records, setup_logging
 from parse_config import Config, Request, parse_args
 from trainer import options as project_options
 from utils import distributed, user_code
@@ -174,7 +174,8 @@ def log_start(
     logger.info(
         "%s", layers or trainer.unwrapped_model, extra={} if request.summary and layers else FILE_ONLY
     )
-    logger.info("%s", describe_run(trainer, run, f"Run {config['name']}/{run.run_id}", config.source))
+    header = describe_run(trainer, run, f"Run {config['name']}/{run.run_id}", config.source)
+    logger.info("%s", header, extra=FITTED)  # a long row wraps under its value's column
     if not trainer.batches.exact:
         logger.info(
             "data_loader %s is not a BaseDataLoader: resuming inside an epoch re-reads the batches "

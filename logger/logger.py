@@ -47,12 +47,16 @@ class FittedFormatter(logging.Formatter):
 
 def fitted(line: str, width: int) -> list[str]:
     """`line` as lines of at most `width` columns. A header or summary row (`  key    value`) wraps its value
-    under the value's column; any other line breaks where it separates fields with two spaces."""
+    under the value's column, at spaces only (a path stays whole, to paste); any other line breaks where it
+    separates fields with two spaces."""
     if len(line) <= width:
         return [line]
-    row = re.match(r"^(  \S+ +)", line)
+    row = re.match(r"^(  \S+(?: \S+)*  +)", line)  # keys of two words: `run dir`
     if row:
-        return textwrap.wrap(line, width, subsequent_indent=" " * len(row.group(1)), break_on_hyphens=False)
+        indent = " " * len(row.group(1))
+        return textwrap.wrap(
+            line, width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False
+        )
     lines, current = [], ""
     for field in line.split("  "):
         candidate = f"{current}  {field}" if current else field

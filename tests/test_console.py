@@ -78,6 +78,12 @@ def test_terminal_shows_clean_lines_at_every_verbosity(tmp_path, verbosity):
     assert [line.split("  ")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(re.search(r"s  [\d,]+/s data \d+%(  \*)?$", line) for line in epoch_lines), epoch_lines
     assert shown[0] == "Run tiny/tty" and shown[-7].startswith("Done: finished 2 epochs in ")
+    speed = next(index for index, line in enumerate(shown) if line.startswith("  speed    "))
+    assert shown[speed + 1].startswith(" " * 11) and not shown[speed + 1].startswith(" " * 12), "under its value"
+    assert f"{shown[speed]} {shown[speed + 1].strip()}" == ("  speed    precision 32, channels_last off, "
+                                                            "background_saves off (auto: fastest on the CPU); "
+                                                            "reuse_host_memory on (auto: glibc's malloc)")
+    assert all(len(line) <= 120 for line in shown[:speed + 2])
     assert not [line for line in shown if "Train epoch" in line], "step lines go to info.log only"
     log = (tmp_path / "saved/log/tiny/tty/info.log").read_text()
     assert "Train epoch 1 [2/8] loss: " in log and "epoch 2/2  lr " in log
@@ -196,3 +202,13 @@ def test_tensorboard_has_hparams_config_text_and_a_train_valid_layout(tmp_path):
         run_dir(tmp_path, "tb") / "checkpoint-last.pth")["monitor_best"])
     assert events.Scalars("hparams/last/val_loss")[0].value == events.Scalars("epoch/val_loss")[-1].value
     assert DATA_DIR in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_a_long_header_row_wraps_under_its_value_and_never_splits_a_path():
+    from logger.logger import fitted
+
+    assert fitted("  log dir  /tmp/saved/log/Mnist_LeNet/1130_223112 (info.log, metrics.csv, TensorBoard)", 80) == [
+        "  log dir  /tmp/saved/log/Mnist_LeNet/1130_223112 (info.log, metrics.csv,",
+        "           TensorBoard)"]
+    path = "/data/" + "x" * 90
+    assert fitted(f"  run dir  {path}", 80) == ["  run dir", f"           {path}"], "a path too long stays whole"
