@@ -1,6 +1,6 @@
-"""The checks before a long run, beside train.py: the fast dev run (a few batches through every stage, in a
-temporary run directory) and the learning-rate range test. train.py passes in how it builds a trainer and
-starts a run, so that the dry run is the real run made small."""
+"""The checks before a long run, beside train.py: the packages and servers the run will need, the fast dev run
+(a few batches through every stage, in a temporary run directory) and the learning-rate range test. train.py
+passes in how it builds a trainer and starts a run, so that the dry run is the real run made small."""
 
 import shlex
 from typing import Any, Callable
@@ -10,6 +10,24 @@ from parse_config import Config, Request
 from trainer import options as project_options
 from utils import distributed
 from utils.errors import ConfigError
+
+
+def check_services(config: Config) -> None:
+    """What the run needs besides its own code, said before anything is written: the `export:` block's ONNX
+    packages, and a chosen MLflow server that answers."""
+    import importlib.util
+
+    from logger.trackers import server_problem
+
+    if config["export"] and config["export"].get("format", "both") in ("onnx", "both"):
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    config.located("export.format", f'ONNX needs {package}: pip install -e ".[export]"')
+                )
+    problem = server_problem(config.trainer["loggers"])
+    if problem:
+        raise ConfigError(config.located("trainer.loggers", problem))
 
 
 def fast_dev_run(config: Config, request: Request, early: Any, build: Callable, start: Callable) -> int:

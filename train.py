@@ -223,27 +223,6 @@ def trial_reporter(epochs: int) -> Any:
     return from_environment(epochs)
 
 
-def check_export(config: Config) -> None:
-    """The `export:` block's ONNX format needs its optional packages: say so before anything is written."""
-    import importlib.util
-
-    if config["export"] and config["export"].get("format", "both") in ("onnx", "both"):
-        for package in ("onnx", "onnxscript", "onnxruntime"):
-            if importlib.util.find_spec(package) is None:
-                raise ConfigError(
-                    config.located("export.format", f'ONNX needs {package}: pip install -e ".[export]"')
-                )
-
-
-def check_trackers(config: Config) -> None:
-    """A chosen MLflow server that does not answer is one line before anything is written."""
-    from logger.trackers import server_problem
-
-    problem = server_problem(config.trainer["loggers"])
-    if problem:
-        raise ConfigError(config.located("trainer.loggers", problem))
-
-
 def export_job(config: Config, commands: "Commands") -> Any:
     from base.export_job import ExportJob
 
@@ -306,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             return preflight.fast_dev_run(config, request, early, build_trainer, start_run)
         if request.find_lr:
             return preflight.find_lr(config, request, trainer, references, early, start_run)
-        check_export(config)
-        check_trackers(config)
+        preflight.check_services(config)  # export's packages, the MLflow server: before anything is written
         run = start_run(config, request, trainer, references, early)
         log_start(config, request, trainer, run, init_counts, layers)
         if config["export"] and distributed.is_main():

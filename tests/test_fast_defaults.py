@@ -95,27 +95,27 @@ model = nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d
                       nn.Linear(32 * 8 * 8, 10))
 optimizer = torch.optim.Adam(model.parameters())
 faults = 0
-for step in range(30):  # batches of a training epoch, its short last one and validation's, in turn
-    size = (128, 128, 128, 37, 64)[step % 5]
+for step in range(40):  # batches of several sizes in turn: training, a short last one, validation's
+    size = (128, 256, 128, 37, 64, 200)[step % 6]
     data, target = torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(data), target).backward()
     optimizer.step()
-    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before if step >= 10 else 0
+    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before if step >= 12 else 0
 print(faults)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 def test_kept_host_memory_is_reused_without_faulting_its_pages_in_again():
-    def page_faults_in_steps_10_to_30(mode: str) -> int:
+    def page_faults_after_warm_up(mode: str) -> int:
         env = {key: value for key, value in os.environ.items() if key not in MALLOC_ENVIRONMENT}
         command = [sys.executable, "-c", STEPS_FAULTS, mode]
         return int(subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout)
 
-    assert page_faults_in_steps_10_to_30("glibc defaults") > 10_000  # 27,000-39,000 measured on 2 cores
-    assert page_faults_in_steps_10_to_30("kept") < 2_000  # 0-833 measured
+    assert page_faults_after_warm_up("glibc defaults") > 5_000  # 22,000-123,000 in 8 runs on 2 cores
+    assert page_faults_after_warm_up("kept") < 2_000  # 0 in 4 runs
 
 
 @pytest.mark.parametrize("device, models, expected", [
