@@ -96,8 +96,12 @@ def fast_options(
     benchmark = fast_defaults.cudnn_benchmark(device, options["deterministic"])
     saves = fast_defaults.choose_background_saves(options["background_saves"], device)
     host_memory = fast_defaults.choose_host_memory(options["reuse_host_memory"])
-    choices = {"precision": precision, "channels_last": channels_last, "background_saves": saves}
-    choices["reuse_host_memory"] = host_memory
+    choices = {
+        "precision": precision,
+        "channels_last": channels_last,
+        "background_saves": saves,
+        "reuse_host_memory": host_memory,
+    }
     speed = fast_defaults.described({**choices, "cudnn.benchmark": benchmark})
     chosen = {name: choice.value for name, choice in choices.items()}
     return {**options, **chosen}, [speed] if speed else []

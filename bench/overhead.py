@@ -269,7 +269,7 @@ def in_fresh_processes(workload: str, args: argparse.Namespace) -> None:
     for _ in range(args.processes):
         command = [sys.executable, __file__, "--workload", workload, "--pairs", str(args.pairs)]
         command += ["--precision", args.precision, "--background-saves", args.background_saves]
-        lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+        lines = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
         print("\n".join(lines[:-1]), flush=True)
         results.append(json.loads(lines[-1]))
     ratios = sorted(result["ratio"] for result in results)
