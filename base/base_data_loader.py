@@ -1,5 +1,6 @@
 """BaseDataLoader: seeded validation split and a data order that can be resumed at any batch."""
 
+import functools
 import random
 from typing import Any, Callable, Iterator
 
@@ -11,7 +12,7 @@ from torch.utils.data.dataloader import default_collate
 from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
-from utils.seeding import derived_seed
+from utils.seeding import MainProcessRNGs, derived_seed
 from utils.workers import shielded_iter
 
 
@@ -49,15 +50,22 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         in_main_process = torch.utils.data.get_worker_info() is None
-        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main_process else None
+        if in_main_process:
+            _main_process_rngs().save()
         pass_index, first = keys[0]
         _seed_batch((derived_seed(self.seed, pass_index) * 1_000_033 + first * 1_031 + len(keys)) % 2**63)
-        samples = [self.dataset[index] for _, index in keys]
-        if saved is not None:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
-        return samples
+        try:
+            return [self.dataset[index] for _, index in keys]
+        finally:
+            if in_main_process:
+                _main_process_rngs().restore()
+
+
+@functools.cache
+def _main_process_rngs() -> MainProcessRNGs:
+    """One for every loader (the main process loads one batch at a time), made on first use so that
+    datasets sent to workers carry none."""
+    return MainProcessRNGs()
 
 
 def unseeded(dataset: Dataset) -> Dataset:

@@ -201,6 +201,7 @@ class BaseTrainer:
         line = epoch_line(log["epoch"], self.epochs, log, seconds, improved, self.pace.summary())
         logger.info("%s", line, extra=FITTED)  # wrapped between fields to the terminal's width
         self.writer.add_scalars("epoch", {k: v for k, v in log.items() if k != "epoch"}, self.global_step)
+        self.writer.hand_over()  # the epoch's scalars to TensorBoard's writer thread, now that it can run
         if self.options["tensorboard_histograms"]:
             self.writer.add_histograms(self.unwrapped_model, self.global_step)
 

@@ -2,6 +2,7 @@
 trackers (MLflow, W&B: logger/trackers.py), behind one small interface; each writes only when it is on."""
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .trackers import TrackerRuns, logger_specs, open_trackers
 
 CSV_NAME = "metrics.csv"
 CSV_COLUMNS = ["step", "tag", "value"]
+HAND_OVER_S = 30.0  # the longest scalars are held from TensorBoard's writer thread
 
 
 def open_writer(
@@ -64,6 +66,8 @@ class RunWriter:
     ):
         self._writer = None
         self._csv = None
+        self._held: list[tuple[Any, int]] = []  # (summary, step) not yet handed to TensorBoard
+        self._handed_at = time.monotonic()
         self.trackers = trackers or []  # MLflow, W&B (logger/trackers.py)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, paid only when used
@@ -73,22 +77,41 @@ class RunWriter:
             self._csv = _open_csv(Path(log_dir) / CSV_NAME, purge_step)
 
     def add_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            if self._writer:
-                self._writer.add_scalar(f"{prefix}/{name}", value, step)
+        """Every value as a scalar `prefix/name` at `step`. TensorBoard gets them as one event, a summary with
+        a value per tag, held until the epoch ends (hand_over) or HAND_OVER_S have passed: each event wakes
+        TensorBoard's writer thread, which then takes the GIL and a core from the training loop. TensorBoard
+        itself writes its events to disk only every 120 s, so holding them delays nothing it shows by much.
+        metrics.csv and the trackers get each value at once."""
+        if self._writer and values:
+            from torch.utils.tensorboard.summary import Summary, scalar
+
+            tagged = [scalar(f"{prefix}/{name}", value).value[0] for name, value in values.items()]
+            self._held.append((Summary(value=tagged), step))
+            if time.monotonic() - self._handed_at >= HAND_OVER_S:
+                self.hand_over()
         if self._csv:
             self._csv.writerows([[step, f"{prefix}/{name}", value] for name, value in values.items()])
         for tracker in self.trackers:
             tracker.scalars({f"{prefix}/{name}": value for name, value in values.items()}, step)
 
+    def hand_over(self) -> None:
+        """Give TensorBoard's writer the scalars held so far (at each epoch's end, and before anything else is
+        written to it, so that its events stay in order)."""
+        for summary, step in self._held:
+            self._writer.file_writer.add_summary(summary, step)
+        self._held.clear()
+        self._handed_at = time.monotonic()
+
     def add_image_grid(self, tag: str, images: torch.Tensor, step: int) -> None:
         if self._writer:
+            self.hand_over()
             from torchvision.utils import make_grid
 
             self._writer.add_image(tag, make_grid(images.detach().cpu()[:64], nrow=8, normalize=True), step)
 
     def add_histograms(self, model: nn.Module, step: int) -> None:
         if self._writer:
+            self.hand_over()
             for name, parameter in model.named_parameters():
                 self._writer.add_histogram(name, parameter.detach().cpu(), step, bins="auto")
 
@@ -112,6 +135,7 @@ class RunWriter:
             tracker.hparams(hparams, metrics, step)
         if not self._writer:
             return
+        self.hand_over()
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         tagged = {f"hparams/{name}": value for name, value in metrics.items()}
@@ -129,6 +153,7 @@ class RunWriter:
     def close(self, status: str = "finished") -> None:
         """`status`: finished, killed (stopped by a signal, to be resumed) or failed."""
         if self._writer:
+            self.hand_over()
             self._writer.close()
         if self._csv:
             self._csv.close()

@@ -1,5 +1,8 @@
 """Random augmentation in DataLoader workers is exact across resumes: each batch's draws depend on (run seed,
 pass, the batch's samples) alone, whichever worker loads it and whatever num_workers."""
+import functools
+
+import numpy as np
 import pytest
 import torch
 from test_resume import MID, _reference
@@ -68,3 +71,58 @@ def test_draws_depend_on_seed_pass_and_batch_only():
     state = torch.get_rng_state()
     _draws(1, 0, 0)
     assert torch.equal(state, torch.get_rng_state()), "loading in the main process leaves dropout's RNG alone"
+
+
+class _GaussNoise(_Noise):
+    """Normal draws from each RNG: numpy's and python's legacy generators cache every second Gaussian."""
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+        return torch.tensor([index + torch.randn(()).item(), np.random.normal(), random.gauss(0, 1)])
+
+
+def _main_process_draws(load_between):
+    """A training loop's own draws (a mixup's beta, noise), with or without a pass of loading before each."""
+    import random
+
+    import numpy as np
+    loader = BaseDataLoader(_GaussNoise(), 4, shuffle=True, num_workers=0, seed=1)
+    np.random.seed(5), random.seed(5), torch.manual_seed(5)
+    draws, batches = [], []
+    for step in range(6):
+        if load_between:
+            batches.append(torch.cat(list(loader)))
+        draws += [np.random.normal(), np.random.beta(0.4, 0.4), random.gauss(0, 1), torch.randn(()).item()]
+        draws += [np.random.randint(1000)] if step % 2 else []
+    return draws, batches
+
+
+@pytest.mark.parametrize("raw_key", [True, False], ids=["raw-numpy-key", "numpy-get-state"])
+def test_loading_in_the_main_process_leaves_its_streams_and_gaussian_caches_alone(monkeypatch, raw_key):
+    from base import base_data_loader
+    from utils import seeding
+
+    assert seeding._NumpyKey.layout_holds(np.random.mtrand._rand._bit_generator), "copied as raw bytes here"
+    monkeypatch.setattr(seeding._NumpyKey, "layout_holds", classmethod(lambda cls, generator: raw_key))
+    base_data_loader._main_process_rngs.cache_clear()
+    monkeypatch.setattr(base_data_loader, "_main_process_rngs", functools.cache(seeding.MainProcessRNGs))
+    untouched, _ = _main_process_draws(load_between=False)
+    draws, batches = _main_process_draws(load_between=True)
+    assert draws == untouched, "the loop's draws are those it makes without loading in between"
+    in_workers = torch.cat(list(BaseDataLoader(_GaussNoise(), 4, shuffle=True, num_workers=2, seed=1)))
+    for batch in batches:  # a Gaussian the main process had cached does not leak into a batch
+        assert torch.equal(batch, in_workers)
+
+
+def test_a_replaced_numpy_bit_generator_is_put_back_too():
+    loader = BaseDataLoader(_GaussNoise(), 4, shuffle=True, num_workers=0, seed=1)
+    list(loader)  # the raw copy is set up for the generator numpy had then
+    original = np.random.get_bit_generator()
+    try:
+        np.random.set_bit_generator(np.random.MT19937(9))
+        list(loader)
+        assert np.random.random(3).tolist() == np.random.RandomState(np.random.MT19937(9)).random(3).tolist()
+    finally:
+        np.random.set_bit_generator(original)

@@ -204,6 +204,34 @@ def test_tensorboard_has_hparams_config_text_and_a_train_valid_layout(tmp_path):
     assert DATA_DIR in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
+def test_scalars_reach_tensorboard_one_event_per_call_at_the_epoch_end_or_on_close(tmp_path, monkeypatch):
+    from logger import writer as run_writer
+
+    monkeypatch.setattr(run_writer, "HAND_OVER_S", float("inf"))
+    writer = run_writer.RunWriter(tmp_path, tensorboard=True, csv=True)
+    handed, hand = [], writer._writer.file_writer.add_summary
+    monkeypatch.setattr(writer._writer.file_writer, "add_summary",
+                        lambda summary, step: (handed.append((step, len(summary.value))), hand(summary, step)))
+    for step in (1, 2, 3):
+        writer.add_scalars("train", {"loss": 1 / step, "lr": 0.1}, step)
+    assert handed == [], "nothing wakes TensorBoard's writer thread during an epoch"
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 3 * 2, "metrics.csv has each row at once"
+    writer.add_scalars("epoch", {"loss": 0.4, "val_loss": 0.5}, 3)
+    writer.hand_over()
+    assert handed == [(1, 2), (2, 2), (3, 2), (3, 2)], "one event per call, every tag in it"
+    monkeypatch.setattr(run_writer, "HAND_OVER_S", 0.0)
+    writer.add_scalars("train", {"loss": 0.2, "lr": 0.1}, 4)
+    assert handed[-1] == (4, 2), "held no longer than HAND_OVER_S"
+    monkeypatch.setattr(run_writer, "HAND_OVER_S", float("inf"))
+    writer.add_scalars("train", {"loss": 0.1, "lr": 0.1}, 5)
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(point.step, point.value) for point in events.Scalars("train/loss")] == [
+        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, pytest.approx(0.2)), (5, pytest.approx(0.1))]
+    assert [point.step for point in events.Scalars("epoch/val_loss")] == [3]
+
+
 def test_a_long_header_row_wraps_under_its_value_and_never_splits_a_path():
     from logger.logger import fitted
 

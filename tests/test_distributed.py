@@ -247,3 +247,23 @@ def test_find_lr_under_torchrun_runs_on_rank_0_with_the_global_batch(tmp_path):
     assert out.count("LR range test: 100 steps from 1e-07 to ") == 1 and "batches of 64 " in out
     assert "  to use it:  torchrun --nproc_per_node 2 train.py -c " in out
     assert (tmp_path / "saved/log/tiny/lr/lr_find.csv").is_file()
+
+
+def _loss_check_on_rank(rank, init_file, out_dir):
+    from utils.metrics import MetricTracker
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    tracker = MetricTracker("loss", "loss_aux", device=torch.device("cpu"))
+    tracker.update("loss", torch.tensor(float("nan") if rank == 1 else 0.5), 4)
+    tracker.update("loss_aux", 0.25, 4)  # a number, summed on the host
+    local = MetricTracker("loss", device=torch.device("cpu"), synced=False)
+    local.update("loss", torch.tensor(0.5), 4)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps([tracker.all_finite(["loss", "loss_aux"]),
+                                                          tracker.all_finite(["loss_aux"]),
+                                                          local.all_finite(["loss"])]))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_is_seen_by_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_loss_check_on_rank, args=(tmp_path / "init", tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True, True], rank

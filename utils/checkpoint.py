@@ -211,7 +211,7 @@ def _feed(hasher: "hashlib._Hash", value: Any) -> None:
     if isinstance(value, torch.Tensor):
         flat = value.detach().to("cpu").contiguous().reshape(-1)
         hasher.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        hasher.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        hasher.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")  # the buffer, not a copy
     elif isinstance(value, Mapping):
         hasher.update(b"{")
         for key in sorted(value, key=repr):

@@ -1,6 +1,7 @@
 """Running means of losses and metrics, kept on the device so that training never waits on the host."""
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -58,6 +59,17 @@ class MetricTracker:
         counts = torch.tensor([float(self._counts[key]) for key in self.keys], device=device)
         totals = torch.cat([torch.stack(sums), counts]) if sums else counts
         return distributed.all_reduce_sum(totals) if self.synced else totals
+
+    def all_finite(self, keys: list[str]) -> bool:
+        """Whether the sums of `keys` are finite; under DDP on every rank (one all-reduce of one number)."""
+        sums = [total for total in (self._sums.get(key) for key in keys) if total is not None]
+        if not (self.synced and distributed.is_distributed()):
+            return all(math.isfinite(float(total)) for total in sums)  # a host read per loss term
+        tensors = [total.reshape(()).float() for total in sums if isinstance(total, torch.Tensor)]
+        device = tensors[0].device if tensors else self.device
+        bad = torch.tensor(float(sum(not math.isfinite(total) for total in sums if isinstance(total, float))))
+        bad = bad.to(device) + sum((~torch.isfinite(total)).float() for total in tensors)
+        return not bool(distributed.all_reduce_sum(bad))
 
     def result(self) -> dict[str, float]:
         values = self.totals().tolist() if self.keys else []
@@ -148,8 +160,7 @@ class EpochMetrics:
     def loss_is_finite(self) -> bool:
         """One host sync (an all-reduce under DDP, so that every rank decides alike): a loss's sum turns nan
         or inf with any non-finite batch loss."""
-        indices = [self.tracker.keys.index(name) for name in self.loss_names]
-        return bool(torch.isfinite(self.tracker.totals()[indices]).all())
+        return self.tracker.all_finite(self.loss_names)
 
     def result(self) -> dict[str, float]:
         values = self.tracker.result()

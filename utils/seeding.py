@@ -1,7 +1,10 @@
 """Seeding and RNG state: what makes two runs, or a run and its resumption, bit-identical."""
 
+import ctypes
 import os
 import random
+import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,3 +52,86 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class MainProcessRNGs:
+    """The global CPU RNGs (python's, numpy's, torch's), saved before the main process loads a batch under
+    its own seed and put back after it, so that loading leaves dropout's and the user's streams as they
+    were. numpy's get_state()/set_state() copy its 624-word key through Python (50 us a pair, the bulk of
+    the cost per batch); numpy's legacy generator is copied as raw bytes through its bit generator's ctypes
+    interface instead (about 1 us). Its cached Gaussian (legacy normal draws come in pairs) lies outside
+    those bytes, so get_state() still saves it whenever it may be set: unless the key is exactly as it was
+    put back with an empty cache, which proves nothing was drawn since."""
+
+    def __init__(self) -> None:
+        self._numpy: _NumpyKey | None = None  # the raw copy, for the global generator checked last
+        self._checked: Any = None  # that generator (np.random.set_bit_generator may replace it)
+        self._python: tuple = ()
+        self._torch: torch.Tensor | None = None
+        self._numpy_state: tuple | None = None  # get_state()'s, when the raw key is not enough
+        self._numpy_key = b""  # the raw key saved, valid with an empty Gaussian cache
+        self._numpy_known = b""  # the raw key last put back with an empty cache
+
+    def save(self) -> None:
+        self._python, self._torch = random.getstate(), torch.get_rng_state()
+        raw = self._raw_numpy()
+        key = raw.read() if raw is not None else b""
+        if key and key == self._numpy_known:
+            self._numpy_key, self._numpy_state = key, None
+        else:
+            self._numpy_key, self._numpy_state = b"", np.random.get_state()
+
+    def restore(self) -> None:
+        random.setstate(self._python)
+        torch.set_rng_state(self._torch)
+        state, raw = self._numpy_state, self._raw_numpy()
+        if state is not None and (state[3] or raw is None):
+            np.random.set_state(state)
+            self._numpy_known = b""
+            return
+        key = self._numpy_key or raw.key_of(state)
+        np.random.seed(0)  # empties the Gaussian cache; the key is overwritten next
+        raw.write(key)
+        self._numpy_known = key
+
+    def _raw_numpy(self) -> "_NumpyKey | None":
+        generator = np.random.mtrand._rand._bit_generator
+        if generator is not self._checked:
+            self._checked, self._numpy_known = generator, b""
+            self._numpy = _NumpyKey(generator) if _NumpyKey.layout_holds(generator) else None
+        return self._numpy
+
+
+class _NumpyKey:
+    """The raw state of an MT19937 (624 uint32 words, then the int position), read and written through the
+    address numpy's ctypes interface publishes."""
+
+    WORDS = 624
+    SIZE = WORDS * 4 + 4
+
+    def __init__(self, bit_generator: np.random.MT19937) -> None:
+        self._address = bit_generator.ctypes.state_address
+        self._buffer = ctypes.create_string_buffer(self.SIZE)
+
+    def read(self) -> bytes:
+        ctypes.memmove(self._buffer, self._address, self.SIZE)
+        return self._buffer.raw
+
+    def write(self, key: bytes) -> None:
+        ctypes.memmove(self._address, key, self.SIZE)
+
+    @classmethod
+    def key_of(cls, state: tuple) -> bytes:
+        """get_state()'s key and position as raw bytes."""
+        return np.asarray(state[1], dtype=np.uint32).tobytes() + int(state[2]).to_bytes(4, sys.byteorder)
+
+    @classmethod
+    def layout_holds(cls, bit_generator: Any) -> bool:
+        """Whether `bit_generator` is an MT19937 whose state is the struct assumed here (else numpy's
+        get_state() is used)."""
+        if not isinstance(bit_generator, np.random.MT19937):
+            return False
+        probe = np.random.MT19937(20_240_601)
+        probe.random_raw(7)
+        state = probe.state["state"]
+        return cls(probe).read() == cls.key_of(("MT19937", state["key"], state["pos"]))
