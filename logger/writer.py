@@ -66,7 +66,7 @@ class RunWriter:
     ):
         self._writer = None
         self._csv = None
-        self._held: list[tuple[Any, int]] = []  # (summary, step) not yet handed to TensorBoard
+        self._held: list[tuple[Any, int, float]] = []  # (summary, step, wall time) TensorBoard has not had
         self._handed_at = time.monotonic()
         self.trackers = trackers or []  # MLflow, W&B (logger/trackers.py)
         if tensorboard:
@@ -86,7 +86,7 @@ class RunWriter:
             from torch.utils.tensorboard.summary import Summary, scalar
 
             tagged = [scalar(f"{prefix}/{name}", value).value[0] for name, value in values.items()]
-            self._held.append((Summary(value=tagged), step))
+            self._held.append((Summary(value=tagged), step, time.time()))  # the wall time it was logged at
             if time.monotonic() - self._handed_at >= HAND_OVER_S:
                 self.hand_over()
         if self._csv:
@@ -97,8 +97,8 @@ class RunWriter:
     def hand_over(self) -> None:
         """Give TensorBoard's writer the scalars held so far (at each epoch's end, and before anything else is
         written to it, so that its events stay in order)."""
-        for summary, step in self._held:
-            self._writer.file_writer.add_summary(summary, step)
+        for summary, step, wall_time in self._held:
+            self._writer.file_writer.add_summary(summary, step, wall_time)
         self._held.clear()
         self._handed_at = time.monotonic()
 

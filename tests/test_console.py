@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -211,9 +212,12 @@ def test_scalars_reach_tensorboard_one_event_per_call_at_the_epoch_end_or_on_clo
     writer = run_writer.RunWriter(tmp_path, tensorboard=True, csv=True)
     handed, hand = [], writer._writer.file_writer.add_summary
     monkeypatch.setattr(writer._writer.file_writer, "add_summary",
-                        lambda summary, step: (handed.append((step, len(summary.value))), hand(summary, step)))
+                        lambda summary, step, *rest: (handed.append((step, len(summary.value))), hand(summary, step, *rest)))
+    logged_at = []
     for step in (1, 2, 3):
+        before = time.time()
         writer.add_scalars("train", {"loss": 1 / step, "lr": 0.1}, step)
+        logged_at.append((before, time.time()))
     assert handed == [], "nothing wakes TensorBoard's writer thread during an epoch"
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 3 * 2, "metrics.csv has each row at once"
     writer.add_scalars("epoch", {"loss": 0.4, "val_loss": 0.5}, 3)
@@ -230,6 +234,8 @@ def test_scalars_reach_tensorboard_one_event_per_call_at_the_epoch_end_or_on_clo
     assert [(point.step, point.value) for point in events.Scalars("train/loss")] == [
         (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, pytest.approx(0.2)), (5, pytest.approx(0.1))]
     assert [point.step for point in events.Scalars("epoch/val_loss")] == [3]
+    for point, (before, after) in zip(events.Scalars("train/loss"), logged_at):
+        assert before <= point.wall_time <= after, "each point keeps the time it was logged at, not handed over"
 
 
 def test_a_long_header_row_wraps_under_its_value_and_never_splits_a_path():
