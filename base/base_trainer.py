@@ -188,7 +188,7 @@ class BaseTrainer:
         self.progress.note_epoch(log, improved and self.monitor.mode != "off")
         self._log_epoch(log, time.monotonic() - started, improved)
         self.progress.epoch, self.progress.batches_in_epoch = epoch, 0
-        self.checkpointer.save_epoch(self.verified_state, epoch, improved)
+        self.checkpointer.save_epoch(self.checkpointer.state_dict, epoch, improved)  # no step since the check
         self._stop_if_requested()
         return log
 
