@@ -50,20 +50,19 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         in_main_process = torch.utils.data.get_worker_info() is None
-        if in_main_process:
-            _main_process_rngs().save()
+        saved = _main_process_rngs().save() if in_main_process else None
         pass_index, first = keys[0]
         _seed_batch((derived_seed(self.seed, pass_index) * 1_000_033 + first * 1_031 + len(keys)) % 2**63)
         try:
             return [self.dataset[index] for _, index in keys]
         finally:
-            if in_main_process:
-                _main_process_rngs().restore()
+            if saved is not None:
+                _main_process_rngs().restore(saved)
 
 
 @functools.cache
 def _main_process_rngs() -> MainProcessRNGs:
-    """One for every loader (the main process loads one batch at a time), made on first use so that
+    """One for every loader (it remembers which numpy key it last put back), made on first use so that
     datasets sent to workers carry none."""
     return MainProcessRNGs()
 

@@ -9,14 +9,15 @@ per logging step the non-finite check and the stop agreement (one small all-redu
 metric sums (training and validation), the stop agreement and the gather of every rank's RNG state for the
 checkpoint. The loss weight (each rank's share of an uneven last batch) is computed locally: no collective.
 
-Run from the repository root: python bench/ddp.py [--processes 2] [--pairs 5]
-(it starts torchrun itself; under torchrun already, it runs as is.)
+Run from the repository root: python bench/ddp.py [--processes 2] [--pairs 10] [--launches 3]
+(it starts torchrun itself, --launches times, and prints the median ratio; under torchrun already, it runs
+once as is.)
 """
 
 import argparse
+import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, like train.py
+
+from overhead import median_of_runs  # noqa: E402
 
 import builders  # noqa: E402
 import train  # noqa: E402
@@ -165,6 +168,12 @@ def run(pairs: int) -> None:
                 f"{statistics.median(control_times) / plain_median:.3f})\n"
                 "collectives torchkiln adds (medians):",
                 *costs,
+                json.dumps(
+                    {
+                        "ratio": kiln_median / baseline,
+                        "control": statistics.median(control_times) / plain_median,
+                    }
+                ),
                 sep="\n",
                 flush=True,
             )
@@ -174,14 +183,18 @@ def run(pairs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=10, help="timed rounds per launch")
+    parser.add_argument(
+        "--launches", type=int, default=3, help="fresh torchrun launches; the median is the result"
+    )
     args = parser.parse_args()
     if "LOCAL_RANK" in os.environ:
         run(args.pairs)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
                __file__, "--pairs", str(args.pairs)]  # fmt: skip
-    raise SystemExit(subprocess.call(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # one launch's ratio moves with where memory lands
+    median_of_runs("DDP", "launches", command, args.launches, cwd=ROOT, env=environment)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -263,19 +264,26 @@ def measure(workload: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def in_fresh_processes(workload: str, args: argparse.Namespace) -> None:
-    """The workload measured in `args.processes` new processes, one after another; the median of their
-    ratios is the result, the controls' spread its precision."""
+    """The workload measured in `args.processes` new processes, one after another."""
+    command = [sys.executable, __file__, "--workload", workload, "--pairs", str(args.pairs)]
+    command += ["--precision", args.precision, "--background-saves", args.background_saves]
+    median_of_runs(WORKLOADS[workload][0], "processes", command, args.processes)
+
+
+def median_of_runs(label: str, unit: str, command: list[str], runs: int, **options: Any) -> None:
+    """Run `command` `runs` times, one after another (each prints its report, then a JSON line of its ratio
+    and control); pass the reports on, then print the median of the ratios, which is the result, and the
+    controls, whose spread is its precision."""
     results = []
-    for _ in range(args.processes):
-        command = [sys.executable, __file__, "--workload", workload, "--pairs", str(args.pairs)]
-        command += ["--precision", args.precision, "--background-saves", args.background_saves]
-        lines = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    for _ in range(runs):
+        printed = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, **options)
+        lines = printed.stdout.splitlines()
         print("\n".join(lines[:-1]), flush=True)
         results.append(json.loads(lines[-1]))
     ratios = sorted(result["ratio"] for result in results)
     controls = sorted(result["control"] for result in results)
     print(
-        f"{WORKLOADS[workload][0]}: median of {len(ratios)} processes {statistics.median(ratios):.3f} "
+        f"{label}: median of {len(ratios)} {unit} {statistics.median(ratios):.3f} "
         f"(each: {', '.join(f'{ratio:.3f}' for ratio in ratios)}; controls "
         f"{', '.join(f'{control:.3f}' for control in controls)})",
         flush=True,

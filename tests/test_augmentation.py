@@ -126,3 +126,26 @@ def test_a_replaced_numpy_bit_generator_is_put_back_too():
         assert np.random.random(3).tolist() == np.random.RandomState(np.random.MT19937(9)).random(3).tolist()
     finally:
         np.random.set_bit_generator(original)
+
+
+class _LoadsWhileLoading(_GaussNoise):
+    """A sample that loads a batch of another loader in the main process (a nested pipeline)."""
+
+    def __init__(self):
+        self.inner = BaseDataLoader(_GaussNoise(), 2, shuffle=True, num_workers=0, seed=2)
+
+    def __getitem__(self, index):
+        return super().__getitem__(index) + next(iter(self.inner)).sum()
+
+
+def test_loading_nested_in_loading_puts_the_main_process_streams_back():
+    import random
+    loader = BaseDataLoader(_LoadsWhileLoading(), 4, shuffle=True, num_workers=0, seed=1)
+    streams = []
+    for nested_loading in (False, True):
+        np.random.seed(5), random.seed(5), torch.manual_seed(5)
+        np.random.normal()  # a cached Gaussian
+        if nested_loading:
+            list(loader)
+        streams.append([np.random.normal(), random.gauss(0, 1), torch.randn(()).item(), np.random.randint(1000)])
+    assert streams[0] == streams[1]

@@ -61,35 +61,31 @@ class MainProcessRNGs:
     the cost per batch); numpy's legacy generator is copied as raw bytes through its bit generator's ctypes
     interface instead (about 1 us). Its cached Gaussian (legacy normal draws come in pairs) lies outside
     those bytes, so get_state() still saves it whenever it may be set: unless the key is exactly as it was
-    put back with an empty cache, which proves nothing was drawn since."""
+    put back with an empty cache, which proves nothing was drawn since. save() returns what restore() puts
+    back, so that a batch loaded while another one loads is put back too."""
 
     def __init__(self) -> None:
         self._numpy: _NumpyKey | None = None  # the raw copy, for the global generator checked last
         self._checked: Any = None  # that generator (np.random.set_bit_generator may replace it)
-        self._python: tuple = ()
-        self._torch: torch.Tensor | None = None
-        self._numpy_state: tuple | None = None  # get_state()'s, when the raw key is not enough
-        self._numpy_key = b""  # the raw key saved, valid with an empty Gaussian cache
-        self._numpy_known = b""  # the raw key last put back with an empty cache
+        self._numpy_known = b""  # the raw key last put back with an empty Gaussian cache
 
-    def save(self) -> None:
-        self._python, self._torch = random.getstate(), torch.get_rng_state()
+    def save(self) -> tuple:
+        """(python's state, torch's, numpy's raw key or get_state())."""
         raw = self._raw_numpy()
         key = raw.read() if raw is not None else b""
-        if key and key == self._numpy_known:
-            self._numpy_key, self._numpy_state = key, None
-        else:
-            self._numpy_key, self._numpy_state = b"", np.random.get_state()
+        numpy_state = key if key and key == self._numpy_known else np.random.get_state()
+        return random.getstate(), torch.get_rng_state(), numpy_state
 
-    def restore(self) -> None:
-        random.setstate(self._python)
-        torch.set_rng_state(self._torch)
-        state, raw = self._numpy_state, self._raw_numpy()
-        if state is not None and (state[3] or raw is None):
-            np.random.set_state(state)
+    def restore(self, saved: tuple) -> None:
+        python_state, torch_state, numpy_state = saved
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+        raw = self._raw_numpy()
+        if isinstance(numpy_state, tuple) and (numpy_state[3] or raw is None):
+            np.random.set_state(numpy_state)  # with its cached Gaussian
             self._numpy_known = b""
             return
-        key = self._numpy_key or raw.key_of(state)
+        key = numpy_state if isinstance(numpy_state, bytes) else raw.key_of(numpy_state)
         np.random.seed(0)  # empties the Gaussian cache; the key is overwritten next
         raw.write(key)
         self._numpy_known = key
