@@ -1,10 +1,8 @@
 """BaseDataLoader: seeded validation split and a data order that can be resumed at any batch."""
 
 import functools
-import random
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
@@ -12,14 +10,8 @@ from torch.utils.data.dataloader import default_collate
 from utils import distributed
 from utils.device import resolve_num_workers, resolve_pin_memory
 from utils.errors import ConfigError
-from utils.seeding import MainProcessRNGs, derived_seed
+from utils.seeding import MainProcessRNGs, derived_seed, seed_batch
 from utils.workers import shielded_iter
-
-
-def _seed_batch(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
 
 
 class SeededSamples(Dataset):
@@ -30,18 +22,20 @@ class SeededSamples(Dataset):
     whether or not the run was resumed; seeding once per batch rather than per sample keeps the cost per
     batch. The draws change with the batch composition, i.e. with batch_size or the number of DDP processes.
     In the main process the global RNGs are put back after each batch, so that loading does not disturb
-    dropout's stream. A dataset that draws from its own generator keeps doing so (pass
+    dropout's stream, and numpy's is seeded only once the pipeline is seen to draw from it (a batch that
+    draws from it unseeded is loaded again: utils/seeding.MainProcessRNGs). A dataset that draws from its own generator keeps doing so (pass
     per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
+        self.draws_numpy: bool | None = None  # learnt from the first batch the main process loads
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
         """The user's dataset attributes stay reachable as loader.dataset.x."""
-        if name in ("dataset", "seed"):
+        if name in ("dataset", "seed", "draws_numpy"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -49,15 +43,16 @@ class SeededSamples(Dataset):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        in_main_process = torch.utils.data.get_worker_info() is None
-        saved = _main_process_rngs().save() if in_main_process else None
         pass_index, first = keys[0]
-        _seed_batch((derived_seed(self.seed, pass_index) * 1_000_033 + first * 1_031 + len(keys)) % 2**63)
-        try:
-            return [self.dataset[index] for _, index in keys]
-        finally:
-            if saved is not None:
-                _main_process_rngs().restore(saved)
+        seed = (derived_seed(self.seed, pass_index) * 1_000_033 + first * 1_031 + len(keys)) % 2**63
+        samples = functools.partial(self._load, keys)
+        if torch.utils.data.get_worker_info() is None:  # the main process: its RNGs are put back after
+            return _main_process_rngs().load(seed, samples, self)
+        seed_batch(seed)
+        return samples()
+
+    def _load(self, keys: list[tuple[int, int]]) -> list:
+        return [self.dataset[index] for _, index in keys]
 
 
 @functools.cache

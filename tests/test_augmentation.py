@@ -149,3 +149,40 @@ def test_loading_nested_in_loading_puts_the_main_process_streams_back():
             list(loader)
         streams.append([np.random.normal(), random.gauss(0, 1), torch.randn(()).item(), np.random.randint(1000)])
     assert streams[0] == streams[1]
+
+
+class _SometimesNumpy(_Noise):
+    """Draws from numpy only for the last samples: a first batch without numpy draws tells nothing."""
+
+    def __getitem__(self, index):
+        import random
+        return torch.tensor([index + torch.rand(()).item(), np.random.normal() if index >= 8 else 0.0,
+                             random.random()])
+
+
+@pytest.mark.parametrize("cached_gaussian", [False, True])
+@pytest.mark.parametrize("dataset", [_SometimesNumpy, _GaussNoise])
+def test_numpy_is_seeded_in_the_main_process_whenever_the_pipeline_draws_from_it(dataset, cached_gaussian):
+    import random
+    untouched, loaded = [], []
+    for streams, loading in ((untouched, False), (loaded, True)):
+        loader = BaseDataLoader(dataset(), 4, shuffle=False, num_workers=0, seed=1)
+        np.random.seed(5), random.seed(5), torch.manual_seed(5)
+        if cached_gaussian:
+            np.random.normal()  # the main process holds a cached Gaussian while batches load
+        batches = torch.cat(list(loader)) if loading else None
+        streams += [np.random.normal(), np.random.normal(), random.random(), torch.rand(()).item()]
+    assert loaded == untouched, "the main process's draws are as without loading"
+    in_workers = torch.cat(list(BaseDataLoader(dataset(), 4, shuffle=False, num_workers=2, seed=1)))
+    assert torch.equal(batches, in_workers), "each batch as a worker loads it, numpy seeded where drawn from"
+    assert loader.dataset.draws_numpy is True
+
+
+def test_a_pipeline_without_numpy_draws_leaves_numpy_unseeded_after_its_first_batch():
+    class TorchOnly(_Noise):
+        def __getitem__(self, index):
+            return torch.tensor([index + torch.rand(()).item()])
+
+    loader = BaseDataLoader(TorchOnly(), 4, shuffle=False, num_workers=0, seed=1)
+    list(loader)
+    assert loader.dataset.draws_numpy is False

@@ -4,7 +4,7 @@ import ctypes
 import os
 import random
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,34 +54,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+def seed_batch(seed: int, numpy: bool = True) -> None:
+    """Seed the global CPU RNGs a batch is loaded with (numpy's unless told not to)."""
+    random.seed(seed)
+    if numpy:
+        np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
+
+
 class MainProcessRNGs:
-    """The global CPU RNGs (python's, numpy's, torch's), saved before the main process loads a batch under
-    its own seed and put back after it, so that loading leaves dropout's and the user's streams as they
-    were. numpy's get_state()/set_state() copy its 624-word key through Python (50 us a pair, the bulk of
-    the cost per batch); numpy's legacy generator is copied as raw bytes through its bit generator's ctypes
-    interface instead (about 1 us). Its cached Gaussian (legacy normal draws come in pairs) lies outside
-    those bytes, so get_state() still saves it whenever it may be set: unless the key is exactly as it was
-    put back with an empty cache, which proves nothing was drawn since. save() returns what restore() puts
-    back, so that a batch loaded while another one loads is put back too."""
+    """Loads a batch in the main process under its own seed, then puts the global CPU RNGs (python's,
+    numpy's, torch's) back, so that loading leaves dropout's and the user's streams as they were.
+
+    What it costs is kept small. numpy's get_state()/set_state() copy its 624-word key through Python (50 us
+    a pair); its legacy generator is copied as raw bytes through its bit generator's ctypes interface
+    instead (about 1 us). Its cached Gaussian (legacy normal draws come in pairs) lies outside those bytes,
+    so get_state() still saves it whenever it may be set: unless the key is exactly as it was put back with
+    an empty cache, which proves nothing was drawn since. And a pipeline whose first batch drew nothing from
+    numpy (torchvision's transforms draw from torch) skips numpy's seeding and putting back, about 50 us a
+    batch on a busy CPU; each such batch is checked, and one that drew from numpy after all is loaded again
+    with numpy seeded, as a worker loads it."""
 
     def __init__(self) -> None:
         self._numpy: _NumpyKey | None = None  # the raw copy, for the global generator checked last
         self._checked: Any = None  # that generator (np.random.set_bit_generator may replace it)
         self._numpy_known = b""  # the raw key last put back with an empty Gaussian cache
 
+    def load(self, seed: int, load: Callable[[], Any], pipeline: Any) -> Any:
+        """load() under `seed`. `pipeline.draws_numpy` is whether the pipeline draws from numpy: None until
+        its first batch in this process tells."""
+        saved = self.save()
+        key, raw, numpy_touched = saved[3], self._numpy, True
+        try:
+            if pipeline.draws_numpy is False and key and not _has_gauss(saved[2]):
+                seed_batch(seed, numpy=False)
+                samples = load()
+                if raw.read() == key:
+                    numpy_touched = False
+                    return samples
+                pipeline.draws_numpy = True
+            seed_batch(seed)
+            seeded = raw.read() if raw is not None else b""
+            samples = load()
+            if not pipeline.draws_numpy and seeded:
+                pipeline.draws_numpy = raw.read() != seeded
+            return samples
+        finally:
+            self.restore(saved, numpy=numpy_touched)
+
     def save(self) -> tuple:
-        """(python's state, torch's, numpy's raw key or get_state())."""
+        """(python's state, torch's, numpy's raw key or get_state(), numpy's raw key or b"")."""
         raw = self._raw_numpy()
         key = raw.read() if raw is not None else b""
         numpy_state = key if key and key == self._numpy_known else np.random.get_state()
-        return random.getstate(), torch.get_rng_state(), numpy_state
+        return random.getstate(), torch.get_rng_state(), numpy_state, key
 
-    def restore(self, saved: tuple) -> None:
-        python_state, torch_state, numpy_state = saved
+    def restore(self, saved: tuple, numpy: bool = True) -> None:
+        """Put back what save() returned (numpy's state only if `numpy`)."""
+        python_state, torch_state, numpy_state, _ = saved
         random.setstate(python_state)
         torch.set_rng_state(torch_state)
+        if not numpy:
+            return
         raw = self._raw_numpy()
-        if isinstance(numpy_state, tuple) and (numpy_state[3] or raw is None):
+        if _has_gauss(numpy_state) or (isinstance(numpy_state, tuple) and raw is None):
             np.random.set_state(numpy_state)  # with its cached Gaussian
             self._numpy_known = b""
             return
@@ -96,6 +132,11 @@ class MainProcessRNGs:
             self._checked, self._numpy_known = generator, b""
             self._numpy = _NumpyKey(generator) if _NumpyKey.layout_holds(generator) else None
         return self._numpy
+
+
+def _has_gauss(numpy_state: bytes | tuple) -> bool:
+    """Whether a saved numpy state holds a cached Gaussian (a raw key is saved only without one)."""
+    return isinstance(numpy_state, tuple) and bool(numpy_state[3])
 
 
 class _NumpyKey:
