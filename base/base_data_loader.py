@@ -23,8 +23,8 @@ class SeededSamples(Dataset):
     batch. The draws change with the batch composition, i.e. with batch_size or the number of DDP processes.
     In the main process the global RNGs are put back after each batch, so that loading does not disturb
     dropout's stream, and numpy's is seeded only once the pipeline is seen to draw from it (a batch that
-    draws from it unseeded is loaded again: utils/seeding.MainProcessRNGs). A dataset that draws from its own generator keeps doing so (pass
-    per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
+    draws from it unseeded is loaded again: utils/seeding.MainProcessRNGs). A dataset that draws from its own
+    generator keeps doing so (pass per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed

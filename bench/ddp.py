@@ -125,10 +125,10 @@ def collective_costs(trainer) -> list[str]:
     sums = median_seconds(lambda: trainer.train_metrics.tracker.totals())
     gathered = median_seconds(lambda: distributed.gather(rng_state()), repeats=20)
     steps = trainer.len_epoch
-    per_epoch = (small + finite) * (steps // trainer.log_step) + 2 * finite + 2 * sums + small + gathered
+    per_epoch = (small + finite) * (steps // trainer.log_step) + finite + 2 * sums + small + gathered
     return [
         f"  stop agreement (any_rank)       {small * 1e3:7.3f} ms  per logging step and per epoch",
-        f"  non-finite check                {finite * 1e3:7.3f} ms  per logging step; twice per epoch",
+        f"  non-finite check                {finite * 1e3:7.3f} ms  per logging step and per epoch",
         f"  metric sums                     {sums * 1e3:7.3f} ms  twice per epoch (training, validation)",
         f"  RNG states gathered for a save  {gathered * 1e3:7.3f} ms  per checkpoint",
         "  loss weight (uneven last batch)     none: computed on each rank",
