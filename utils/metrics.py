@@ -66,9 +66,9 @@ class MetricTracker:
         if not (self.synced and distributed.is_distributed()):
             return all(math.isfinite(float(total)) for total in sums)  # a host read per loss term
         tensors = [total.reshape(()).float() for total in sums if isinstance(total, torch.Tensor)]
-        device = tensors[0].device if tensors else self.device
-        bad = torch.tensor(float(sum(not math.isfinite(total) for total in sums if isinstance(total, float))))
-        bad = bad.to(device) + sum((~torch.isfinite(total)).float() for total in tensors)
+        numbers = sum(not math.isfinite(total) for total in sums if isinstance(total, float))
+        bad = torch.tensor(float(numbers), device=tensors[0].device if tensors else self.device)
+        bad += sum((~torch.isfinite(total)).float() for total in tensors)
         return not bool(distributed.all_reduce_sum(bad))
 
     def result(self) -> dict[str, float]:

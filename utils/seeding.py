@@ -84,9 +84,10 @@ class MainProcessRNGs:
         """load() under `seed`. `pipeline.draws_numpy` is whether the pipeline draws from numpy: None until
         its first batch in this process tells."""
         saved = self.save()
-        key, raw, numpy_touched = saved[3], self._numpy, True
+        _, _, key, numpy_state = saved
+        raw, numpy_touched = self._numpy, True
         try:
-            if pipeline.draws_numpy is False and key and not _has_gauss(saved[2]):
+            if pipeline.draws_numpy is False and key and not _has_gauss(numpy_state):
                 seed_batch(seed, numpy=False)
                 samples = load()
                 if raw.read() == key:
@@ -103,27 +104,26 @@ class MainProcessRNGs:
             self.restore(saved, numpy=numpy_touched)
 
     def save(self) -> tuple:
-        """(python's state, torch's, numpy's raw key or get_state(), numpy's raw key or b"")."""
+        """(python's state, torch's, numpy's raw key or b"", numpy's get_state() or None where the raw key is
+        all there is: nothing drawn since it was put back with an empty Gaussian cache)."""
         raw = self._raw_numpy()
         key = raw.read() if raw is not None else b""
-        numpy_state = key if key and key == self._numpy_known else np.random.get_state()
-        return random.getstate(), torch.get_rng_state(), numpy_state, key
+        numpy_state = None if key and key == self._numpy_known else np.random.get_state()
+        return random.getstate(), torch.get_rng_state(), key, numpy_state
 
     def restore(self, saved: tuple, numpy: bool = True) -> None:
         """Put back what save() returned (numpy's state only if `numpy`)."""
-        python_state, torch_state, numpy_state, _ = saved
+        python_state, torch_state, key, numpy_state = saved
         random.setstate(python_state)
         torch.set_rng_state(torch_state)
         if not numpy:
             return
-        raw = self._raw_numpy()
-        if _has_gauss(numpy_state) or (isinstance(numpy_state, tuple) and raw is None):
+        if not key or _has_gauss(numpy_state):
             np.random.set_state(numpy_state)  # with its cached Gaussian
             self._numpy_known = b""
             return
-        key = numpy_state if isinstance(numpy_state, bytes) else raw.key_of(numpy_state)
         np.random.seed(0)  # empties the Gaussian cache; the key is overwritten next
-        raw.write(key)
+        self._numpy.write(key)
         self._numpy_known = key
 
     def _raw_numpy(self) -> "_NumpyKey | None":
@@ -134,9 +134,9 @@ class MainProcessRNGs:
         return self._numpy
 
 
-def _has_gauss(numpy_state: bytes | tuple) -> bool:
-    """Whether a saved numpy state holds a cached Gaussian (a raw key is saved only without one)."""
-    return isinstance(numpy_state, tuple) and bool(numpy_state[3])
+def _has_gauss(numpy_state: tuple | None) -> bool:
+    """Whether a saved get_state() holds a cached Gaussian (None: a raw key alone, saved only without one)."""
+    return numpy_state is not None and bool(numpy_state[3])
 
 
 class _NumpyKey:
@@ -158,11 +158,6 @@ class _NumpyKey:
         ctypes.memmove(self._address, key, self.SIZE)
 
     @classmethod
-    def key_of(cls, state: tuple) -> bytes:
-        """get_state()'s key and position as raw bytes."""
-        return np.asarray(state[1], dtype=np.uint32).tobytes() + int(state[2]).to_bytes(4, sys.byteorder)
-
-    @classmethod
     def layout_holds(cls, bit_generator: Any) -> bool:
         """Whether `bit_generator` is an MT19937 whose state is the struct assumed here (else numpy's
         get_state() is used)."""
@@ -171,4 +166,5 @@ class _NumpyKey:
         probe = np.random.MT19937(20_240_601)
         probe.random_raw(7)
         state = probe.state["state"]
-        return cls(probe).read() == cls.key_of(("MT19937", state["key"], state["pos"]))
+        expected = state["key"].astype(np.uint32).tobytes() + int(state["pos"]).to_bytes(4, sys.byteorder)
+        return cls(probe).read() == expected
