@@ -22,20 +22,22 @@ class SeededSamples(Dataset):
     whether or not the run was resumed; seeding once per batch rather than per sample keeps the cost per
     batch. The draws change with the batch composition, i.e. with batch_size or the number of DDP processes.
     In the main process the global RNGs are put back after each batch, so that loading does not disturb
-    dropout's stream, and numpy's is seeded only once the pipeline is seen to draw from it (a batch that
-    draws from it unseeded is loaded again: utils/seeding.MainProcessRNGs). A dataset that draws from its own
-    generator keeps doing so (pass per_sample_seeds=False to BaseDataLoader to leave the RNGs alone)."""
+    dropout's stream, and python's and numpy's are seeded only for a pipeline seen to draw from them (a batch
+    that draws from one unseeded is loaded again: utils/seeding.MainProcessRNGs). A dataset that draws from
+    its own generator keeps doing so (pass per_sample_seeds=False to BaseDataLoader to leave the RNGs
+    alone)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
-        self.draws_numpy: bool | None = None  # learnt from the first batch the main process loads
+        # whether loading draws from python's and numpy's generators: learnt from the main process's batches
+        self.draws_from: dict[str, bool | None] = {"python": None, "numpy": None}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
         """The user's dataset attributes stay reachable as loader.dataset.x."""
-        if name in ("dataset", "seed", "draws_numpy"):
+        if name in ("dataset", "seed", "draws_from"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -302,6 +302,8 @@ class BaseTrainer:
         """Stop after saving when a signal came. Under DDP a signal to any rank stops them all at the same
         step: they agree on logging steps and epoch ends (a collective), never in between."""
         requested = self.stop_request.signal is not None
+        if not (requested or agree):  # the common case, checked first: it runs after every step
+            return
         if distributed.is_distributed():
             if not agree:
                 return

@@ -3,7 +3,7 @@ weights. It knows nothing of epochs, logging or files; its state_dict() is part 
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from utils.errors import TrainingError
 from utils.user_code import defined_at
 
 AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_NOTHING_TO_SKIP = contextlib.nullcontext()  # reusable: it holds no state
 
 
 class TrainStep:
@@ -83,16 +84,16 @@ class TrainStep:
             eval_name,
         )
 
-    @contextlib.contextmanager
-    def accumulating(self, batch_idx: int) -> Iterator[None]:
+    def accumulating(self, batch_idx: int) -> contextlib.AbstractContextManager:
         """Around forward and backward of one batch: DDP models skip their gradient all-reduce until the
         last batch of the window."""
-        with contextlib.ExitStack() as stack:
-            if not self.window_done(batch_idx):
-                for model in self.models.values():
-                    if hasattr(model, "no_sync"):
-                        stack.enter_context(model.no_sync())
-            yield
+        if self.window_done(batch_idx):
+            return _NOTHING_TO_SKIP
+        stack = contextlib.ExitStack()
+        for model in self.models.values():
+            if hasattr(model, "no_sync"):
+                stack.enter_context(model.no_sync())
+        return stack
 
     def window_size(self, batch_idx: int) -> int:
         start = batch_idx - batch_idx % self.accumulate
@@ -152,12 +153,11 @@ class TrainStep:
             return
         if self.scaler:
             self.scaler.update()
-        self._update_ema()
+        if self.ema is not None:
+            self._update_ema()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
         averaged = list(self.ema.module.parameters())
         current = [p.detach() for p in unwrap(self.model).parameters()]
         if self.ema_updates == 0:  # as AveragedModel: the first update copies

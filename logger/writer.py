@@ -66,7 +66,7 @@ class RunWriter:
     ):
         self._writer = None
         self._csv = None
-        self._held: list[tuple[Any, int, float]] = []  # (summary, step, wall time) TensorBoard has not had
+        self._held: list[tuple[str, dict, int, float]] = []  # (prefix, values, step, wall time) not yet given
         self._handed_at = time.monotonic()
         self.trackers = trackers or []  # MLflow, W&B (logger/trackers.py)
         if tensorboard:
@@ -83,10 +83,7 @@ class RunWriter:
         itself writes its events to disk only every 120 s, so holding them delays nothing it shows by much.
         metrics.csv and the trackers get each value at once."""
         if self._writer and values:
-            from torch.utils.tensorboard.summary import Summary, scalar
-
-            tagged = [scalar(f"{prefix}/{name}", value).value[0] for name, value in values.items()]
-            self._held.append((Summary(value=tagged), step, time.time()))  # the wall time it was logged at
+            self._held.append((prefix, dict(values), step, time.time()))  # the wall time it was logged at
             if time.monotonic() - self._handed_at >= HAND_OVER_S:
                 self.hand_over()
         if self._csv:
@@ -96,10 +93,15 @@ class RunWriter:
 
     def hand_over(self) -> None:
         """Give TensorBoard's writer the scalars held so far (at each epoch's end, and before anything else is
-        written to it, so that its events stay in order)."""
-        for summary, step, wall_time in self._held:
-            self._writer.file_writer.add_summary(summary, step, wall_time)
-        self._held.clear()
+        written to it, so that its events stay in order). Their summaries are built here too, off the
+        training loop."""
+        if self._held:
+            from torch.utils.tensorboard.summary import Summary, scalar
+
+            for prefix, values, step, wall_time in self._held:
+                tagged = [scalar(f"{prefix}/{name}", value).value[0] for name, value in values.items()]
+                self._writer.file_writer.add_summary(Summary(value=tagged), step, wall_time)
+            self._held.clear()
         self._handed_at = time.monotonic()
 
     def add_image_grid(self, tag: str, images: torch.Tensor, step: int) -> None:

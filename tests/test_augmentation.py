@@ -1,5 +1,6 @@
 """Random augmentation in DataLoader workers is exact across resumes: each batch's draws depend on (run seed,
 pass, the batch's samples) alone, whichever worker loads it and whatever num_workers."""
+
 import functools
 
 import numpy as np
@@ -12,8 +13,12 @@ import train
 from base import BaseDataLoader
 from conftest import load, run_dir, tiny_config, write_config
 
-AUGMENTED = [{"type": "RandomCrop", "args": {"size": 28, "padding": 2}}, {"type": "RandomHorizontalFlip"},
-             {"type": "RandomRotation", "args": {"degrees": 10}}, {"type": "ToTensor"}]
+AUGMENTED = [
+    {"type": "RandomCrop", "args": {"size": 28, "padding": 2}},
+    {"type": "RandomHorizontalFlip"},
+    {"type": "RandomRotation", "args": {"degrees": 10}},
+    {"type": "ToTensor"},
+]
 
 
 def _augmented(tmp_path, workers, **trainer):
@@ -27,11 +32,15 @@ def _augmented(tmp_path, workers, **trainer):
 def test_augmented_runs_resume_bit_identically(tmp_path, monkeypatch, workers, stop_at):
     import test_resume
 
-    monkeypatch.setattr(test_resume, "tiny_config", lambda path, **options: _augmented(path, workers, **options))
+    monkeypatch.setattr(
+        test_resume, "tiny_config", lambda path, **options: _augmented(path, workers, **options)
+    )
     reference = _reference(tmp_path, workers)
     assert train.main(["-r", str(reference / stop_at), "--run-id", "resumed"]) == 0
-    _assert_equal_states(load(reference / "checkpoint-epoch3.pth"),
-                         load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"))
+    _assert_equal_states(
+        load(reference / "checkpoint-epoch3.pth"),
+        load(run_dir(tmp_path, "resumed") / "checkpoint-epoch3.pth"),
+    )
 
 
 def test_workers_do_not_change_the_weights(tmp_path):
@@ -53,6 +62,7 @@ class _Noise(torch.utils.data.Dataset):
         import random
 
         import numpy as np
+
         return torch.tensor([index + torch.rand(()).item(), np.random.rand(), random.random()])
 
 
@@ -80,6 +90,7 @@ class _GaussNoise(_Noise):
         import random
 
         import numpy as np
+
         return torch.tensor([index + torch.randn(()).item(), np.random.normal(), random.gauss(0, 1)])
 
 
@@ -88,6 +99,7 @@ def _main_process_draws(load_between):
     import random
 
     import numpy as np
+
     loader = BaseDataLoader(_GaussNoise(), 4, shuffle=True, num_workers=0, seed=1)
     np.random.seed(5), random.seed(5), torch.manual_seed(5)
     draws, batches = [], []
@@ -99,13 +111,15 @@ def _main_process_draws(load_between):
     return draws, batches
 
 
-@pytest.mark.parametrize("raw_key", [True, False], ids=["raw-numpy-key", "numpy-get-state"])
+@pytest.mark.parametrize("raw_key", [True, False], ids=["raw-bytes", "get-state"])
 def test_loading_in_the_main_process_leaves_its_streams_and_gaussian_caches_alone(monkeypatch, raw_key):
     from base import base_data_loader
     from utils import seeding
 
-    assert seeding._NumpyKey.layout_holds(np.random.mtrand._rand._bit_generator), "copied as raw bytes here"
-    monkeypatch.setattr(seeding._NumpyKey, "layout_holds", classmethod(lambda cls, generator: raw_key))
+    assert seeding._NumpyRNG.layout_holds(np.random.mtrand._rand._bit_generator), "copied as raw bytes here"
+    assert seeding._PythonRNG.layout_holds(), "copied as raw bytes here"
+    monkeypatch.setattr(seeding._NumpyRNG, "layout_holds", classmethod(lambda cls, generator: raw_key))
+    monkeypatch.setattr(seeding._PythonRNG, "layout_holds", classmethod(lambda cls: raw_key))
     base_data_loader._main_process_rngs.cache_clear()
     monkeypatch.setattr(base_data_loader, "_main_process_rngs", functools.cache(seeding.MainProcessRNGs))
     untouched, _ = _main_process_draws(load_between=False)
@@ -140,6 +154,7 @@ class _LoadsWhileLoading(_GaussNoise):
 
 def test_loading_nested_in_loading_puts_the_main_process_streams_back():
     import random
+
     loader = BaseDataLoader(_LoadsWhileLoading(), 4, shuffle=True, num_workers=0, seed=1)
     streams = []
     for nested_loading in (False, True):
@@ -147,35 +162,76 @@ def test_loading_nested_in_loading_puts_the_main_process_streams_back():
         np.random.normal()  # a cached Gaussian
         if nested_loading:
             list(loader)
-        streams.append([np.random.normal(), random.gauss(0, 1), torch.randn(()).item(), np.random.randint(1000)])
+        streams.append(
+            [np.random.normal(), random.gauss(0, 1), torch.randn(()).item(), np.random.randint(1000)]
+        )
     assert streams[0] == streams[1]
 
 
 class _SometimesNumpy(_Noise):
     """Draws from numpy only for the last samples: a first batch without numpy draws tells nothing."""
 
+    drawn = "numpy"
+
     def __getitem__(self, index):
         import random
-        return torch.tensor([index + torch.rand(()).item(), np.random.normal() if index >= 8 else 0.0,
-                             random.random()])
+
+        return torch.tensor(
+            [index + torch.rand(()).item(), np.random.normal() if index >= 8 else 0.0, random.random()]
+        )
+
+
+class _SometimesPython(_Noise):
+    """Draws from python's random only for the last samples."""
+
+    drawn = "python"
+
+    def __getitem__(self, index):
+        import random
+
+        return torch.tensor(
+            [index + torch.rand(()).item(), np.random.rand(), random.random() if index >= 8 else 0.0]
+        )
+
+
+class _OneGaussian(_Noise):
+    """One python Gaussian in the whole pass: unseeded, it would be the main process's cached one, which
+    leaves python's Mersenne Twister as it was."""
+
+    drawn = "python"
+
+    def __getitem__(self, index):
+        import random
+
+        return torch.tensor([index + torch.rand(()).item(), random.gauss(0, 1) if index == 8 else 0.0])
 
 
 @pytest.mark.parametrize("cached_gaussian", [False, True])
-@pytest.mark.parametrize("dataset", [_SometimesNumpy, _GaussNoise])
-def test_numpy_is_seeded_in_the_main_process_whenever_the_pipeline_draws_from_it(dataset, cached_gaussian):
+@pytest.mark.parametrize("dataset", [_SometimesNumpy, _SometimesPython, _OneGaussian, _GaussNoise])
+def test_each_generator_is_seeded_in_the_main_process_whenever_the_pipeline_draws_from_it(
+    dataset, cached_gaussian
+):
     import random
+
     untouched, loaded = [], []
     for streams, loading in ((untouched, False), (loaded, True)):
         loader = BaseDataLoader(dataset(), 4, shuffle=False, num_workers=0, seed=1)
         np.random.seed(5), random.seed(5), torch.manual_seed(5)
-        if cached_gaussian:
-            np.random.normal()  # the main process holds a cached Gaussian while batches load
+        if cached_gaussian:  # the main process holds a cached Gaussian of each while batches load
+            np.random.normal(), random.gauss(0, 1)
         batches = torch.cat(list(loader)) if loading else None
-        streams += [np.random.normal(), np.random.normal(), random.random(), torch.rand(()).item()]
+        streams += [
+            np.random.normal(),
+            np.random.normal(),
+            random.gauss(0, 1),
+            random.gauss(0, 1),
+            random.random(),
+            torch.rand(()).item(),
+        ]
     assert loaded == untouched, "the main process's draws are as without loading"
     in_workers = torch.cat(list(BaseDataLoader(dataset(), 4, shuffle=False, num_workers=2, seed=1)))
-    assert torch.equal(batches, in_workers), "each batch as a worker loads it, numpy seeded where drawn from"
-    assert loader.dataset.draws_numpy is True
+    assert torch.equal(batches, in_workers), "each batch as a worker loads it, seeded where drawn from"
+    assert loader.dataset.draws_from[getattr(dataset, "drawn", "numpy")] is True
 
 
 def test_a_pipeline_without_numpy_draws_leaves_numpy_unseeded_after_its_first_batch():
@@ -185,4 +241,4 @@ def test_a_pipeline_without_numpy_draws_leaves_numpy_unseeded_after_its_first_ba
 
     loader = BaseDataLoader(TorchOnly(), 4, shuffle=False, num_workers=0, seed=1)
     list(loader)
-    assert loader.dataset.draws_numpy is False
+    assert loader.dataset.draws_from == {"python": False, "numpy": False}

@@ -3,6 +3,7 @@
 import ctypes
 import os
 import random
+import struct
 import sys
 from typing import Any, Callable
 
@@ -54,11 +55,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-def seed_batch(seed: int, numpy: bool = True) -> None:
-    """Seed the global CPU RNGs a batch is loaded with (numpy's unless told not to)."""
+def seed_batch(seed: int) -> None:
+    """Seed the global CPU RNGs a batch is loaded with in a worker."""
     random.seed(seed)
-    if numpy:
-        np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)
     torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
 
 
@@ -66,105 +66,207 @@ class MainProcessRNGs:
     """Loads a batch in the main process under its own seed, then puts the global CPU RNGs (python's,
     numpy's, torch's) back, so that loading leaves dropout's and the user's streams as they were.
 
-    What it costs is kept small. numpy's get_state()/set_state() copy its 624-word key through Python (50 us
-    a pair); its legacy generator is copied as raw bytes through its bit generator's ctypes interface
-    instead (about 1 us). Its cached Gaussian (legacy normal draws come in pairs) lies outside those bytes,
-    so get_state() still saves it whenever it may be set: unless the key is exactly as it was put back with
-    an empty cache, which proves nothing was drawn since. And a pipeline whose first batch drew nothing from
-    numpy (torchvision's transforms draw from torch) skips numpy's seeding and putting back, about 50 us a
-    batch on a busy CPU; each such batch is checked, and one that drew from numpy after all is loaded again
-    with numpy seeded, as a worker loads it."""
+    What it costs is kept small: it runs before every batch, when the loading has just pushed everything out
+    of the CPU's caches. python's and numpy's Mersenne Twisters are copied as raw bytes (a memory copy)
+    rather than through getstate()/get_state(), which build and parse 625 Python ints (about 30 us a pair
+    each in the loop); python's cached Gaussian is an attribute, copied with them. numpy's legacy cached
+    Gaussian lies outside its raw bytes, so get_state() still saves it whenever it may be set: unless the key
+    is exactly as it was put back with an empty cache, which proves nothing was drawn since. And python and
+    numpy are each seeded only for a pipeline seen to draw from them (torchvision's transforms draw from torch
+    alone): each batch loaded without one is checked by its raw bytes, and a batch that drew from it after
+    all is loaded again with every generator seeded, as a worker loads it."""
 
     def __init__(self) -> None:
-        self._numpy: _NumpyKey | None = None  # the raw copy, for the global generator checked last
-        self._checked: Any = None  # that generator (np.random.set_bit_generator may replace it)
-        self._numpy_known = b""  # the raw key last put back with an empty Gaussian cache
+        self.generators = (_PythonRNG(), _NumpyRNG())
 
     def load(self, seed: int, load: Callable[[], Any], pipeline: Any) -> Any:
-        """load() under `seed`. `pipeline.draws_numpy` is whether the pipeline draws from numpy: None until
-        its first batch in this process tells."""
+        """load() under `seed`. `pipeline.draws_from[name]` says whether the pipeline draws from the python
+        or numpy generator: None until a batch loaded with it seeded tells."""
         saved = self.save()
-        _, _, key, numpy_state = saved
-        raw, numpy_touched = self._numpy, True
+        _, states = saved
+        draws = pipeline.draws_from
+        skipped = [
+            draws[rng.name] is False and rng.skippable(state) for rng, state in zip(self.generators, states)
+        ]
+        touched = None  # every generator, unless the batch is loaded with some provably untouched
         try:
-            if pipeline.draws_numpy is False and key and not _has_gauss(numpy_state):
-                seed_batch(seed, numpy=False)
-                samples = load()
-                if raw.read() == key:
-                    numpy_touched = False
-                    return samples
-                pipeline.draws_numpy = True
-            seed_batch(seed)
-            seeded = raw.read() if raw is not None else b""
-            samples = load()
-            if not pipeline.draws_numpy and seeded:
-                pipeline.draws_numpy = raw.read() != seeded
+            samples, drew = self._load_seeded(seed, load, draws, skipped, states)
+            if not any(drew):
+                touched = [not skip for skip in skipped]
+                return samples
+            for rng, drew_from in zip(self.generators, drew):
+                draws[rng.name] = draws[rng.name] or drew_from
+            samples, _ = self._load_seeded(seed, load, draws, [False] * len(skipped), states)  # as a worker
             return samples
         finally:
-            self.restore(saved, numpy=numpy_touched)
+            self.restore(saved, touched)
+
+    def _load_seeded(
+        self, seed: int, load: Callable[[], Any], draws: dict, skipped: list[bool], states: list
+    ) -> tuple[Any, list[bool]]:
+        """load() with torch and every generator not skipped seeded; learns, for those not known to be drawn
+        from, whether the pipeline drew from them. Returns the samples and, per skipped generator, whether it
+        was drawn from all the same."""
+        torch.random.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the model's
+        seeded = {}
+        for rng, skip in zip(self.generators, skipped):
+            if not skip:
+                rng.seed(seed)
+                seeded[rng.name] = rng.fingerprint() if draws[rng.name] is not True else None
+        samples = load()
+        drew = []
+        for rng, skip, (before, _) in zip(self.generators, skipped, states):
+            if skip:
+                drew.append(rng.fingerprint() != before)
+                continue
+            if seeded[rng.name] is not None:
+                draws[rng.name] = rng.fingerprint() != seeded[rng.name]
+            drew.append(False)
+        return samples, drew
 
     def save(self) -> tuple:
-        """(python's state, torch's, numpy's raw key or b"", numpy's get_state() or None where the raw key is
-        all there is: nothing drawn since it was put back with an empty Gaussian cache)."""
-        raw = self._raw_numpy()
-        key = raw.read() if raw is not None else b""
-        numpy_state = None if key and key == self._numpy_known else np.random.get_state()
-        return random.getstate(), torch.get_rng_state(), key, numpy_state
+        """(torch's state, each generator's saved state): what restore() puts back."""
+        return torch.random.default_generator.get_state(), [rng.save() for rng in self.generators]
 
-    def restore(self, saved: tuple, numpy: bool = True) -> None:
-        """Put back what save() returned (numpy's state only if `numpy`)."""
-        python_state, torch_state, key, numpy_state = saved
-        random.setstate(python_state)
-        torch.set_rng_state(torch_state)
-        if not numpy:
-            return
-        if not key or _has_gauss(numpy_state):
-            np.random.set_state(numpy_state)  # with its cached Gaussian
-            self._numpy_known = b""
-            return
-        np.random.seed(0)  # empties the Gaussian cache; the key is overwritten next
-        self._numpy.write(key)
-        self._numpy_known = key
-
-    def _raw_numpy(self) -> "_NumpyKey | None":
-        generator = np.random.mtrand._rand._bit_generator
-        if generator is not self._checked:
-            self._checked, self._numpy_known = generator, b""
-            self._numpy = _NumpyKey(generator) if _NumpyKey.layout_holds(generator) else None
-        return self._numpy
+    def restore(self, saved: tuple, touched: list[bool] | None = None) -> None:
+        """Put back what save() returned (of python and numpy only those `touched`)."""
+        torch_state, states = saved
+        torch.random.default_generator.set_state(torch_state)
+        for rng, state, put_back in zip(self.generators, states, touched or [True] * len(states)):
+            if put_back:
+                rng.restore(state)
 
 
-def _has_gauss(numpy_state: tuple | None) -> bool:
-    """Whether a saved get_state() holds a cached Gaussian (None: a raw key alone, saved only without one)."""
-    return numpy_state is not None and bool(numpy_state[3])
+class _RawBytes:
+    """A generator's state read and written as raw bytes, at the address where its C struct keeps them."""
 
-
-class _NumpyKey:
-    """The raw state of an MT19937 (624 uint32 words, then the int position), read and written through the
-    address numpy's ctypes interface publishes."""
-
-    WORDS = 624
-    SIZE = WORDS * 4 + 4
-
-    def __init__(self, bit_generator: np.random.MT19937) -> None:
-        self._address = bit_generator.ctypes.state_address
-        self._buffer = ctypes.create_string_buffer(self.SIZE)
+    def __init__(self, address: int, size: int) -> None:
+        self._view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
     def read(self) -> bytes:
-        ctypes.memmove(self._buffer, self._address, self.SIZE)
-        return self._buffer.raw
+        return self._view.tobytes()
 
-    def write(self, key: bytes) -> None:
-        ctypes.memmove(self._address, key, self.SIZE)
+    def write(self, state: bytes) -> None:
+        self._view[:] = state
+
+
+class _PythonRNG:
+    """python's global `random`: its C state (the position, then 624 words) as raw bytes with its cached
+    Gaussian (`gauss_next`, an attribute); getstate()/setstate() where the struct is not the one assumed
+    here (another Python implementation or build)."""
+
+    name = "python"
+    WORDS = 624
+    SIZE = 4 + WORDS * 4
+
+    def __init__(self) -> None:
+        self._instance = random.random.__self__  # what the module's functions are bound to
+        self._raw = _RawBytes(self._address(self._instance), self.SIZE) if self.layout_holds() else None
+
+    def fingerprint(self) -> Any:
+        """Changes with every draw; None without raw access."""
+        return (self._raw.read(), self._instance.gauss_next) if self._raw is not None else None
+
+    def save(self) -> tuple:
+        """(fingerprint, None), or (None, getstate())."""
+        fingerprint = self.fingerprint()
+        return fingerprint, None if fingerprint is not None else random.getstate()
+
+    def skippable(self, state: tuple) -> bool:
+        """Whether a draw made unseeded can be told (a fingerprint is all the state there is)."""
+        return state[0] is not None
+
+    def seed(self, seed: int) -> None:
+        random.seed(seed)
+
+    def restore(self, state: tuple) -> None:
+        fingerprint, full = state
+        if fingerprint is None:
+            random.setstate(full)
+            return
+        self._raw.write(fingerprint[0])
+        self._instance.gauss_next = fingerprint[1]
+
+    @staticmethod
+    def _address(instance: random.Random) -> int:
+        return id(instance) + object.__basicsize__  # CPython: the struct follows the object header
+
+    @classmethod
+    def layout_holds(cls) -> bool:
+        """Whether a `random.Random` is CPython's struct assumed here (else getstate() is used)."""
+        import _random
+
+        if (
+            sys.implementation.name != "cpython"
+            or _random.Random.__basicsize__ < object.__basicsize__ + cls.SIZE
+        ):
+            return False
+        probe = random.Random(20_240_601)
+        probe.getrandbits(7 * 32)
+        _, words, _ = probe.getstate()
+        expected = struct.pack(f"=i{cls.WORDS}I", words[-1], *words[:-1])
+        return _RawBytes(cls._address(probe), cls.SIZE).read() == expected
+
+
+class _NumpyRNG:
+    """numpy's global legacy generator: its MT19937 key and position as raw bytes, through the address
+    numpy's ctypes interface publishes; get_state() for what lies outside them (its cached Gaussian) or
+    another bit generator. A generator replaced with np.random.set_bit_generator is noticed."""
+
+    name = "numpy"
+    SIZE = _PythonRNG.WORDS * 4 + 4
+
+    def __init__(self) -> None:
+        self._legacy = np.random.mtrand._rand  # the global RandomState: np.random.seed and the draws use it
+        self._raw: _RawBytes | None = None  # for the generator it held when checked last
+        self._checked: Any = None  # that generator
+        self._known = b""  # the raw key last put back with an empty Gaussian cache
+
+    def fingerprint(self) -> bytes | None:
+        raw = self._raw_key()
+        return raw.read() if raw is not None else None
+
+    def save(self) -> tuple:
+        """(raw key or None, get_state() or None where the raw key is all there is: nothing drawn since it
+        was put back with an empty Gaussian cache)."""
+        key = self.fingerprint()
+        return key, None if key is not None and key == self._known else np.random.get_state()
+
+    def skippable(self, state: tuple) -> bool:
+        """Whether a draw made unseeded can be told: a raw key, and no cached Gaussian beside it."""
+        key, full = state
+        return key is not None and not (full is not None and full[3])
+
+    def seed(self, seed: int) -> None:
+        np.random.seed(seed % 2**32)
+
+    def restore(self, state: tuple) -> None:
+        key, full = state
+        if key is None or (full is not None and full[3]):
+            np.random.set_state(full)  # with its cached Gaussian
+            self._known = b""
+            return
+        np.random.seed(0)  # empties the Gaussian cache; the key is overwritten next
+        self._raw.write(key)
+        self._known = key
+
+    def _raw_key(self) -> _RawBytes | None:
+        generator = self._legacy._bit_generator
+        if generator is not self._checked:
+            self._checked, self._known = generator, b""
+            self._raw = (
+                _RawBytes(generator.ctypes.state_address, self.SIZE) if self.layout_holds(generator) else None
+            )
+        return self._raw
 
     @classmethod
     def layout_holds(cls, bit_generator: Any) -> bool:
-        """Whether `bit_generator` is an MT19937 whose state is the struct assumed here (else numpy's
-        get_state() is used)."""
+        """Whether `bit_generator` is an MT19937 whose state is the struct assumed here (624 uint32 words,
+        then the int position; else numpy's get_state() is used)."""
         if not isinstance(bit_generator, np.random.MT19937):
             return False
         probe = np.random.MT19937(20_240_601)
         probe.random_raw(7)
         state = probe.state["state"]
         expected = state["key"].astype(np.uint32).tobytes() + int(state["pos"]).to_bytes(4, sys.byteorder)
-        return cls(probe).read() == expected
+        return _RawBytes(probe.ctypes.state_address, cls.SIZE).read() == expected
