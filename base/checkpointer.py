@@ -127,6 +127,7 @@ class Checkpointer:
         self.saves = BackgroundSaves(background_saves)  # every file operation, in order
         self.run_dir: Path | None = None  # set when the run directory is claimed: nothing is written before
         self._newest: tuple[Path, tuple[int, int, int]] | None = None  # the last epoch file, and its progress
+        self._durable: set[Path] = set()  # epoch files whose names a directory sync made durable
         self.exporter: Any = None  # the config's `export:` block (base/export_job.py), told of each new best
         # under DDP every rank builds the state (it gathers), rank 0 writes
         self.writes = distributed.is_main()
@@ -209,9 +210,12 @@ class Checkpointer:
             for p in self.run_dir.glob("checkpoint-epoch*.pth")
             if re.fullmatch(r"checkpoint-epoch(\d+)\.pth", p.name)
         }
-        doomed = sorted(epoch_of, key=epoch_of.get)[: -self.keep_last]
-        if doomed:
-            sync_directory(self.run_dir)  # the newest file's name first, then the deletions
+        ordered = sorted(epoch_of, key=epoch_of.get)
+        doomed, kept = ordered[: -self.keep_last], ordered[-self.keep_last :]
+        if doomed and self._durable.isdisjoint(kept):
+            # a crash must not keep the deletions and lose every kept file's name: one is made durable first
+            sync_directory(self.run_dir)
+            self._durable = set(ordered)
         for path in doomed:
             path.unlink()
 

@@ -119,6 +119,32 @@ def test_early_stop_and_keep_last(tmp_path):
     assert max(int(p.stem.split("epoch")[1]) for p in stopped.glob("checkpoint-epoch*.pth")) == 2
 
 
+def test_a_checkpoint_is_deleted_only_while_a_kept_one_is_durable(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import base.checkpointer
+    events, durable, real_sync, real_unlink = [], set(), base.checkpointer.sync_directory, Path.unlink
+
+    def sync(directory):
+        durable.clear()
+        durable.update(p.name for p in directory.glob("checkpoint-epoch*.pth"))
+        events.append("sync")
+        real_sync(directory)
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if path.name.startswith("checkpoint-epoch"):
+            kept = {p.name for p in path.parent.glob("checkpoint-epoch*.pth")}
+            assert kept & durable, f"{path.name} deleted while none of {sorted(kept)} is durable"
+            events.append(path.name)
+
+    monkeypatch.setattr(base.checkpointer, "sync_directory", sync)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    train_run(tmp_path, "durable", tiny_config(tmp_path, epochs=7, keep_last=3, monitor="off"))
+    assert events == ["sync", "checkpoint-epoch1.pth", "checkpoint-epoch2.pth", "checkpoint-epoch3.pth",
+                      "sync", "checkpoint-epoch4.pth"], "a directory sync every third deletion, not every one"
+
+
 def test_tensorboard_images_and_histograms_when_asked(tmp_path):
     train_run(tmp_path, "tb", tiny_config(tmp_path, epochs=1, tensorboard=True, tensorboard_images=True,
                                           tensorboard_histograms=True))

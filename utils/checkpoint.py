@@ -20,13 +20,14 @@ FORMAT_VERSION = 2  # 2: content digests
 DIGESTS = "digests"
 EXACT_RESUME_PARTS = ("rng", "data_order")  # refused when missing unless --allow-inexact-resume
 _TEMP_SUFFIX = ".tmp"
+_PLAIN_ITEMS = {int, float, str, bool}  # a list of only these is hashed as its repr, in one update
 
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
     """Write to a temp file in the same directory, fsync it, then rename: a kill or a crash at any moment
     leaves either the complete old file or the complete new one. The directory is not synced here: that only
-    makes the new name durable sooner, and is done once before older checkpoints are deleted
-    (sync_directory)."""
+    makes the new name durable sooner, and is done before an older checkpoint is deleted while no kept one's
+    name is durable yet (sync_directory)."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
     state = {**state, DIGESTS: content_digests(state)}
@@ -76,8 +77,8 @@ def link_or_save(existing: Path | None, state: Mapping[str, Any], path: Path) ->
 
 
 def sync_directory(directory: Path) -> None:
-    """Make the names in `directory` durable: before a checkpoint is deleted, so that a crash cannot keep the
-    deletion and lose the rename of its successor."""
+    """Make the names in `directory` durable: before a checkpoint is deleted while no kept one's name is, so
+    that a crash cannot keep the deletion and lose the renames of its successors."""
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -218,7 +219,7 @@ def _feed(hasher: "hashlib._Hash", value: Any) -> None:
             hasher.update(repr(key).encode())
             _feed(hasher, value[key])
         hasher.update(b"}")
-    elif isinstance(value, (list, tuple)) and all(type(item) in (int, float, str, bool) for item in value):
+    elif isinstance(value, (list, tuple)) and set(map(type, value)) <= _PLAIN_ITEMS:
         hasher.update(f"{type(value).__name__}:{value!r};".encode())  # RNG states: one update, not 625
     elif isinstance(value, (list, tuple)):
         hasher.update(b"[" if isinstance(value, list) else b"(")
