@@ -212,25 +212,31 @@ class BaseTrainer:
         if start == 0:
             self.train_metrics.reset()
         self.pace.start(self.run, f"epoch {epoch}/{self.epochs}", self.len_epoch - start, self.train_metrics)
-        with tqdm(
-            total=self.len_epoch,
-            initial=start,
-            desc=f"epoch {epoch}/{self.epochs}",
-            leave=False,
-            disable=not self._show_progress,
-            dynamic_ncols=True,
-        ) as self._bar:
-            try:
-                for batch_idx in range(start, self.len_epoch):
-                    self._batch_idx = batch_idx  # for record_batch's warning
-                    yield batch_idx, self.pace.next_batch(self.batches)  # timed: samples/s, data wait
+        self._bar = self._progress_bar(epoch, start) if self._show_progress else None
+        try:
+            for batch_idx in range(start, self.len_epoch):
+                self._batch_idx = batch_idx  # for record_batch's warning
+                yield batch_idx, self.pace.next_batch(self.batches)  # timed: samples/s, data wait
+                if self._bar is not None:
                     self._bar.update()
-            finally:
-                self.pace.finish()
+        finally:
+            self.pace.finish()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
-    def valid_batches(self) -> Iterable:
-        """The validation data, its workers started shielded from stop signals like the training data's."""
-        return Shielded(self.valid_data_loader)
+    def _progress_bar(self, epoch: int, start: int) -> tqdm:
+        """The terminal's bar for an epoch (only made when shown: a disabled tqdm still costs 0.1 ms)."""
+        desc = f"epoch {epoch}/{self.epochs}"
+        return tqdm(total=self.len_epoch, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+
+    def valid_batches(self, epoch: int | None = None) -> Iterable:
+        """The validation data, its workers started shielded from stop signals like the training data's; with
+        `epoch`, under a progress bar when the terminal shows one."""
+        batches = Shielded(self.valid_data_loader)
+        if epoch is None or not self._show_progress:
+            return batches
+        return tqdm(batches, desc=f"valid {epoch}/{self.epochs}", leave=False)
 
     @property
     def batch_share(self) -> float:

@@ -5,7 +5,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from base import BaseTrainer
 from utils.device import batch_to_device
@@ -50,15 +49,9 @@ class Trainer(BaseTrainer):
         return evaluate(models[eval_name], batches, criterion, metrics, device, autocast, channels_last)
 
     def _valid_epoch(self, epoch: int) -> dict[str, float]:
-        progress = tqdm(
-            self.valid_batches(),
-            desc=f"valid {epoch}/{self.epochs}",
-            leave=False,
-            disable=not self._show_progress,
-        )
         return evaluate(
             self.step.eval_model,
-            progress,
+            self.valid_batches(epoch),
             self.criterion,
             self.valid_metrics,
             self.device,
