@@ -20,29 +20,38 @@ def snapshot(state: Any) -> Any:
 
 
 class BackgroundSaves:
-    """Runs save jobs on a thread, one at a time and in order, so that a hard link to a file or a deletion
-    comes after the write it depends on. `submit` first waits for the job before it (memory holds at most
-    one snapshot being written); a job's error (a full disk) is raised by the next `submit` or `wait`, in
-    the training thread. `in_background=False` runs each job on the live state before `submit` returns."""
+    """Runs save jobs one at a time and in order, so that a hard link to a file or a deletion comes after the
+    write it depends on. A job does a save's CPU work (serializing) and returns what is left, which only
+    waits on the disk (fsync, renames, deletions), or None. In the background a thread runs both, on a
+    snapshot of the state; otherwise the job runs on the live state before `submit` returns, and only what
+    it leaves goes to the thread: an fsync takes no core from training, yet it may take milliseconds. `submit`
+    first waits for the job before it (memory holds at most one snapshot being written); a job's error (a full
+    disk) is raised by the next `submit` or `wait`, in the training thread."""
 
     def __init__(self, in_background: bool = True):
         self.in_background = in_background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, job: Callable[..., None], state: dict, *args: Any) -> None:
-        """Run `job(state, *args)`; in the background on a snapshot of `state`."""
+    def submit(self, job: Callable[..., Callable[[], None] | None], state: dict, *args: Any) -> None:
+        """Run `job(state, *args)` and what it returns; in the background on a snapshot of `state`."""
         self.wait()
-        if not self.in_background:
-            job(state, *args)
+        if self.in_background:
+            self._start(_then_rest, job, snapshot(state), *args)
             return
-        work = (job, snapshot(state), *args)
-        self._thread = threading.Thread(target=self._run, args=work, name="checkpoint-save", daemon=True)
+        rest = job(state, *args)
+        if rest is not None:
+            self._start(rest)
+
+    def _start(self, work: Callable[..., None], *args: Any) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(work, *args), name="checkpoint-save", daemon=True
+        )
         self._thread.start()
 
-    def _run(self, job: Callable[..., None], *args: Any) -> None:
+    def _run(self, work: Callable[..., None], *args: Any) -> None:
         try:
-            job(*args)
+            work(*args)
         except BaseException as error:  # handed to the training thread, which reports it
             self._error = error
 
@@ -54,3 +63,9 @@ class BackgroundSaves:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def _then_rest(job: Callable[..., Callable[[], None] | None], *args: Any) -> None:
+    rest = job(*args)
+    if rest is not None:
+        rest()

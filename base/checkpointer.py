@@ -7,6 +7,7 @@ RNGs are stored flat, as they have been since the first format (and `state_dict`
 pytorch-template's meaning). Two models are two named entries, not a second code path.
 """
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -21,12 +22,15 @@ from utils.checkpoint import (
     CONFIG,
     FORMAT_VERSION,
     WEIGHTS,
+    Staged,
     check_fields,
+    discard,
     exact_parts_intact,
     is_legacy,
-    link_or_save,
     progress_of,
-    save_checkpoint,
+    publish,
+    stage_checkpoint,
+    stage_second_name,
     sync_directory,
 )
 from utils.errors import CheckpointError, ConfigError, TrainingError
@@ -107,8 +111,9 @@ class Checkpointer:
     """Epoch files every `save_period` (newest `keep_last` kept), model_best.pth on improvement, and
     checkpoint-last.pth every `save_every_steps` optimizer steps or when a signal stops training. `flat`
     parts store their fields at the top level; `config` is the run's config, stored as the record of it.
-    With `background_saves` the files are written on a thread, in order, while training goes on; flush()
-    waits for them. OPTIONS are the trainer options it takes."""
+    With `background_saves` the files are written on a thread, in order, while training goes on; without,
+    they are written before training goes on and only synced and renamed on that thread. flush() waits for
+    them. OPTIONS are the trainer options it takes."""
 
     OPTIONS = ("save_period", "keep_last", "save_every_steps", "background_saves")
 
@@ -156,15 +161,29 @@ class Checkpointer:
         if self.writes:
             self.saves.submit(self._write_epoch, state, epoch, improved)
 
-    def _write_epoch(self, state: dict, epoch: int, improved: bool) -> None:
-        path = None
-        if epoch % self.save_period == 0:
-            path = self.run_dir / f"checkpoint-epoch{epoch}.pth"
-            save_checkpoint(state, path)
-            self._newest = (path, progress_of(state))
+    def _write_epoch(self, state: dict, epoch: int, improved: bool) -> Callable[[], None]:
+        """Serialize the epoch file (and model_best.pth, as a second name for it when both are due); returns
+        what is left, which waits on the disk."""
+        path = self.run_dir / f"checkpoint-epoch{epoch}.pth" if epoch % self.save_period == 0 else None
+        staged: list[Staged] = []
+        try:
+            if path is not None:
+                staged.append(stage_checkpoint(state, path))
+            if improved:  # a second name for the epoch file's bytes rather than a second serialization
+                staged.append(stage_second_name(staged[0] if staged else None, state, self.run_dir / BEST))
+        except BaseException:
+            discard(staged)
+            raise
+        return functools.partial(self._publish_epoch, staged, path, progress_of(state), improved)
+
+    def _publish_epoch(
+        self, staged: list[Staged], path: Path | None, progress: tuple[int, int, int], improved: bool
+    ) -> None:
+        publish(staged)
+        if path is not None:
+            self._newest = (path, progress)
             logger.info("Saved %s", path, extra=FILE_ONLY)
-        if improved:  # the same bytes: a second name for the epoch file rather than a second serialization
-            link_or_save(path, state, self.run_dir / BEST)
+        if improved:
             logger.info("Saved %s (best so far)", self.run_dir / BEST, extra=FILE_ONLY)
             if self.exporter is not None:
                 self.exporter.best_saved(self.run_dir / BEST)
@@ -185,10 +204,10 @@ class Checkpointer:
             self.flush()
         return path
 
-    def _write_last(self, state: dict, path: Path) -> None:
+    def _write_last(self, state: dict, path: Path) -> Callable[[], None]:
         newest, at = self._newest or (None, None)
         same = newest is not None and newest.exists() and at == progress_of(state)
-        link_or_save(newest if same else None, state, path)
+        return functools.partial(publish, [stage_second_name(newest if same else None, state, path)])
 
     def flush(self) -> None:
         """Wait until the checkpoints asked for are on disk; a failed write (a full disk) is raised here."""

@@ -127,6 +127,31 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_rotation_spares_it(tmp_p
     assert load(run / "checkpoint-epoch1.pth")["epoch"] == 1
 
 
+@pytest.mark.parametrize("background", ["false", "true"])
+def test_a_failed_sync_on_the_saving_thread_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                           background):
+    """The fsync of epoch 2's file fails (an I/O error) on the thread that syncs and renames it: the run stops
+    with that error, before epoch 2's file gets its name or model_best.pth moves to it."""
+    real_fsync, synced_files = os.fsync, []
+
+    def failing_on_the_second_file(descriptor):
+        if not os.path.isdir(f"/proc/self/fd/{descriptor}"):  # a directory's sync passes
+            synced_files.append(descriptor)
+            if len(synced_files) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(utils.checkpoint.os, "fsync", failing_on_the_second_file)
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=3, monitor="min loss"))
+    assert train.main(["-c", str(path), "--run-id", "eio", f"trainer.background_saves={background}"]) == 1
+    run = run_dir(tmp_path, "eio")
+    assert capsys.readouterr().err == (f"error: could not save checkpoint {run}/checkpoint-epoch2.pth: Input/output "
+                                       "error (EIO); the previous one is intact\n")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch1.pth", "config.yaml", "model_best.pth",
+                                                     "run.json"]
+    assert load(run / "model_best.pth")["epoch"] == 1 and load(run / "checkpoint-epoch1.pth")["epoch"] == 1
+
+
 @pytest.mark.parametrize("kind", ["a-file", "dangling-symlink", "read-only"])
 def test_an_unwritable_save_dir_is_refused_before_training(tmp_path, capsys, kind):
     target = tmp_path / "target"

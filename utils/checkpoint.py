@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping, NamedTuple
 
 import torch
 
@@ -23,25 +23,84 @@ _TEMP_SUFFIX = ".tmp"
 _PLAIN_ITEMS = {int, float, str, bool}  # a list of only these is hashed as its repr, in one update
 
 
+class Staged(NamedTuple):
+    """A checkpoint under a temp name beside its own: the CPU's part of a save is done (serialized, or linked
+    to a file holding the same state); publish() does the rest, which only waits on the disk."""
+
+    file: BinaryIO | None  # the open temp file, to fsync; None for a second name of a file synced before it
+    temp: Path
+    path: Path
+
+
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """Write to a temp file in the same directory, fsync it, then rename: a kill or a crash at any moment
-    leaves either the complete old file or the complete new one. The directory is not synced here: that only
-    makes the new name durable sooner, and is done before an older checkpoint is deleted while no kept one's
-    name is durable yet (sync_directory)."""
+    """Write to a temp file in the same directory, fsync it, then rename (stage_checkpoint, publish)."""
+    publish([stage_checkpoint(state, path)])
+
+
+def stage_checkpoint(state: Mapping[str, Any], path: Path) -> Staged:
+    """`state` and its content digests serialized into a temp file beside `path`."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    state = {**state, DIGESTS: content_digests(state)}
+    temp, file = _temp_name(path), None
     try:
-        with open(temp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except (OSError, RuntimeError) as error:  # RuntimeError: torch's writer reports a full disk so
-        temp.unlink(missing_ok=True)
-        raise TrainingError(
-            f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one is intact"
-        ) from error
+        file = open(temp, "wb")
+        torch.save({**state, DIGESTS: content_digests(state)}, file)
+        file.flush()
+    except BaseException as error:
+        discard([Staged(file, temp, path)])
+        if isinstance(error, (OSError, RuntimeError)):  # RuntimeError: torch's writer reports a full disk so
+            raise _save_error(error, path) from error
+        raise
+    return Staged(file, temp, path)
+
+
+def stage_second_name(existing: Staged | Path | None, state: Mapping[str, Any], path: Path) -> Staged:
+    """A second name for `existing` (a checkpoint of exactly `state`, published or staged): a hard link under
+    a temp name, published after it. `state` is staged anew where there is none or the filesystem has no
+    hard links."""
+    if existing is not None:
+        temp = _temp_name(Path(path))
+        try:
+            temp.unlink(missing_ok=True)
+            os.link(existing.temp if isinstance(existing, Staged) else existing, temp)
+            return Staged(None, temp, Path(path))
+        except OSError:
+            temp.unlink(missing_ok=True)
+    return stage_checkpoint(state, path)
+
+
+def publish(staged: list[Staged]) -> None:
+    """Each staged file fsynced, then renamed to its name, in order (a second name after its file): a kill or
+    a crash at any moment leaves either the complete old file or the complete new one. The directory is not
+    synced here: that only makes the new names durable sooner, and is done before an older checkpoint is
+    deleted while no kept one's name is durable yet (sync_directory). On a failure nothing more is
+    published, and what is left is discarded."""
+    for index, item in enumerate(staged):
+        try:
+            if item.file is not None:
+                with item.file:
+                    os.fsync(item.file.fileno())
+            os.replace(item.temp, item.path)
+        except OSError as error:
+            discard(staged[index:])
+            raise _save_error(error, item.path) from error
+
+
+def discard(staged: list[Staged]) -> None:
+    """Close and remove staged temp files that will not be published."""
+    for item in staged:
+        if item.file is not None:
+            item.file.close()
+        item.temp.unlink(missing_ok=True)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
+
+
+def _save_error(error: Exception, path: Path) -> TrainingError:
+    return TrainingError(
+        f"could not save checkpoint {path}: {_save_failure(error, path)}; the previous one is intact"
+    )
 
 
 def remove_stale_temp_files(directory: Path) -> None:
@@ -59,21 +118,6 @@ def _save_failure(error: Exception, path: Path) -> str:
     if number is None:
         return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{os.strerror(number)} ({errno.errorcode.get(number, number)})"
-
-
-def link_or_save(existing: Path | None, state: Mapping[str, Any], path: Path) -> None:
-    """Give `existing` (a checkpoint of exactly `state`) a second name atomically, or save `state` anew when
-    there is none or the filesystem has no hard links."""
-    if existing is not None:
-        temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-        try:
-            temp.unlink(missing_ok=True)
-            os.link(existing, temp)
-            os.replace(temp, path)
-            return
-        except OSError:
-            temp.unlink(missing_ok=True)
-    save_checkpoint(state, path)
 
 
 def sync_directory(directory: Path) -> None:
