@@ -159,13 +159,23 @@ def _wait_for_reads(log_dir, samples, process, timeout=120.0):
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("target", ["every-rank", "one-rank"])
-def test_sigterm_then_resume_on_two_processes_is_bit_identical(tmp_path, target):
+def _stopped_config(tmp_path):
     config = tiny_config(tmp_path, log_step=1, epochs=2)
     config["data_loader"]["args"].update(limit=1600, batch_size=16)
-    path = write_config(tmp_path, config)
-    reference = _torchrun(tmp_path, 2, "-c", str(path), "--run-id", "reference")
-    assert _finish(reference)[0] == 0
+    return write_config(tmp_path, config)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_two_processes(tmp_path_factory):
+    """Where a stopped two-process run must end once resumed: the same run without a stop."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    assert _finish(_torchrun(tmp_path, 2, "-c", str(_stopped_config(tmp_path)), "--run-id", "reference"))[0] == 0
+    return load(run_dir(tmp_path, "reference") / "checkpoint-last.pth")
+
+
+@pytest.mark.parametrize("target", ["every-rank", "one-rank"])
+def test_sigterm_then_resume_on_two_processes_is_bit_identical(tmp_path, target, uninterrupted_on_two_processes):
+    path = _stopped_config(tmp_path)
     process = _torchrun(tmp_path, 2, "-c", str(path), "--run-id", "stopped")
     run = run_dir(tmp_path, "stopped")
     _wait_for(run / "checkpoint-epoch1.pth", process)
@@ -182,7 +192,7 @@ def test_sigterm_then_resume_on_two_processes_is_bit_identical(tmp_path, target)
     starts = [(run / "checkpoint-last.pth", [])]  # mid-epoch 2
     if target == "every-rank":
         starts.append((run / "checkpoint-epoch1.pth", ["--run-id", "from-epoch1"]))  # and at the epoch boundary
-    expected = load(run_dir(tmp_path, "reference") / "checkpoint-last.pth")
+    expected = uninterrupted_on_two_processes
     for start, run_id in starts:
         status, _, err = _finish(_torchrun(tmp_path, 2, "-r", str(start), *run_id))
         assert status == 0, err
