@@ -220,6 +220,8 @@ class Checkpointer:
             self.saves.wait()
         except TrainingError as error:
             logger.error("%s", error)
+        except OSError as error:  # pruning or the export job, on the saving thread
+            logger.error("while finishing the checkpoints' files: %s", error)
 
     def _prune(self) -> None:
         if not self.keep_last:

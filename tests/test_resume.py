@@ -212,6 +212,24 @@ def test_nonfinite_loss_stops_with_epoch_and_batch(tmp_path, capsys):
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
 
 
+def test_a_failure_on_the_saving_thread_is_logged_under_the_error_that_ends_the_run(tmp_path, monkeypatch, capsys):
+    from base.checkpointer import Checkpointer
+
+    def unpermitted(self):
+        raise PermissionError(13, "Permission denied", str(self.run_dir))
+
+    monkeypatch.setattr(Checkpointer, "_prune", unpermitted)  # epoch 1's file is published, then this fails
+    (tmp_path / "nanloss.py").write_text(NAN_LOSS.replace("calls == 4", "calls == 12"))
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    assert train.main(["-c", str(path), "--run-id", "nan", f"loss={tmp_path}/nanloss.py:nan_at_fourth_batch"]) == 1
+    run = run_dir(tmp_path, "nan")
+    shown = capsys.readouterr()
+    assert shown.err == ("error: non-finite loss at epoch 2 batches 2-7; the last good checkpoint is kept (set "
+                         "trainer.on_nonfinite: skip to skip such steps)\n")
+    assert f"while finishing the checkpoints' files: [Errno 13] Permission denied: '{run}'" in shown.out
+    assert load(run / "checkpoint-epoch1.pth")["epoch"] == 1
+
+
 def test_nonfinite_loss_skip_mode_skips_and_counts(tmp_path, capsys):
     (tmp_path / "nanloss.py").write_text(NAN_LOSS.replace("nan_at_fourth_batch", "nan_loss"))
     path = write_config(tmp_path, tiny_config(tmp_path, on_nonfinite="skip"))
