@@ -1,5 +1,6 @@
 """BaseTrainer: the mechanics around the per-batch loop that users don't need to edit."""
 
+import contextlib
 import copy
 import logging
 import signal
@@ -211,32 +212,30 @@ class BaseTrainer:
         start = self._finite_through = self.progress.batches_in_epoch
         if start == 0:
             self.train_metrics.reset()
-        self.pace.start(self.run, f"epoch {epoch}/{self.epochs}", self.len_epoch - start, self.train_metrics)
-        self._bar = self._progress_bar(epoch, start) if self._show_progress else None
-        try:
-            for batch_idx in range(start, self.len_epoch):
-                self._batch_idx = batch_idx  # for record_batch's warning
-                yield batch_idx, self.pace.next_batch(self.batches)  # timed: samples/s, data wait
-                if self._bar is not None:
-                    self._bar.update()
-        finally:
-            self.pace.finish()
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+        label = f"epoch {epoch}/{self.epochs}"
+        self.pace.start(self.run, label, self.len_epoch - start, self.train_metrics)
+        with self._progress_bar(label, total=self.len_epoch, initial=start) as self._bar:
+            try:
+                for batch_idx in range(start, self.len_epoch):
+                    self._batch_idx = batch_idx  # for record_batch's warning
+                    yield batch_idx, self.pace.next_batch(self.batches)  # timed: samples/s, data wait
+                    if self._bar is not None:
+                        self._bar.update()
+            finally:
+                self.pace.finish()
 
-    def _progress_bar(self, epoch: int, start: int) -> tqdm:
-        """The terminal's bar for an epoch (only made when shown: a disabled tqdm still costs 0.1 ms)."""
-        desc = f"epoch {epoch}/{self.epochs}"
-        return tqdm(total=self.len_epoch, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+    def _progress_bar(self, desc: str, iterable: Any = None, **counts: int) -> Any:
+        """The terminal's bar, or where none is shown `iterable` itself (or nothing, for a bar updated by
+        hand): a disabled tqdm still costs 0.1 ms to make."""
+        if not self._show_progress:
+            return contextlib.nullcontext() if iterable is None else iterable
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **counts)
 
     def valid_batches(self, epoch: int | None = None) -> Iterable:
         """The validation data, its workers started shielded from stop signals like the training data's; with
         `epoch`, under a progress bar when the terminal shows one."""
         batches = Shielded(self.valid_data_loader)
-        if epoch is None or not self._show_progress:
-            return batches
-        return tqdm(batches, desc=f"valid {epoch}/{self.epochs}", leave=False)
+        return batches if epoch is None else self._progress_bar(f"valid {epoch}/{self.epochs}", batches)
 
     @property
     def batch_share(self) -> float:
@@ -308,12 +307,8 @@ class BaseTrainer:
         """Stop after saving when a signal came. Under DDP a signal to any rank stops them all at the same
         step: they agree on logging steps and epoch ends (a collective), never in between."""
         requested = self.stop_request.signal is not None
-        if not (requested or agree):  # the common case, checked first: it runs after every step
-            return
-        if distributed.is_distributed():
-            if not agree:
-                return
-            requested = distributed.any_rank(requested, self.device)
+        if (requested or agree) and distributed.is_distributed():  # else nothing to decide, after most steps
+            requested = agree and distributed.any_rank(requested, self.device)
         if not requested:
             return
         path = self.checkpointer.save_last(self.verified_state(), wait=True)

@@ -1,5 +1,6 @@
 """The checkpoint's one owner: what it holds (named parts), when it is written, how a loaded one is checked,
-and how it is restored, the fine-tuning policy included. The file format itself is utils/checkpoint.py's.
+and how it is restored (the fine-tuning policy is base/fine_tuning.py's). The file format itself is
+utils/checkpoint.py's.
 
 A part is anything with state_dict() and load_state_dict(): a model, an optimizer, a schedule, the train step,
 the metrics, the data stream. Most are stored under their name; the progress record, the monitor and the
@@ -39,13 +40,13 @@ from utils.weights import check_optimizer_fits, load_model_state
 
 from .background_saves import BackgroundSaves
 from .base_data_loader import BatchStream
+from .fine_tuning import apply_changed_args, fresh_parts, part_key, tuned
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
 LAST = "checkpoint-last.pth"
 BEST = "model_best.pth"
 EMA_WEIGHTS = "ema_state_dict"
-SINGLE = "optimizer"  # the name of the one optimizer (and its scheduler) of the single form
 
 
 def run_parts(
@@ -63,27 +64,10 @@ def run_parts(
     `optimizer` and `lr_scheduler`, named ones `optimizers.<name>` and `lr_schedulers.<name>`."""
     parts = {WEIGHTS: models[eval_name], **{f"models.{n}": m for n, m in models.items() if n != eval_name}}
     parts.update({EMA_WEIGHTS: ema_model, "step": step})
-    parts.update({_key("optimizer", name): optimizer for name, optimizer in optimizers.items()})
-    parts.update({_key("lr_scheduler", name): s for name, s in schedules.items()} or {"lr_scheduler": None})
+    parts.update({part_key("optimizer", name): optimizer for name, optimizer in optimizers.items()})
+    schedulers = {part_key("lr_scheduler", name): schedule for name, schedule in schedules.items()}
+    parts.update(schedulers or {"lr_scheduler": None})
     return {**parts, "metrics": metrics, "data_order": stream}
-
-
-def _key(kind: str, name: str) -> str:
-    return kind if name == SINGLE else f"{kind}s.{name}"
-
-
-def _tuned(key: str) -> tuple[str, str] | None:
-    """(kind, optimizer name) of an optimizer or scheduler part: what fine-tuning may keep or change."""
-    kind, _, name = key.partition(".")
-    kind = kind.removesuffix("s")
-    return (kind, name or SINGLE) if kind in ("optimizer", "lr_scheduler") else None
-
-
-def _section(config: Mapping[str, Any], kind: str, name: str) -> dict:
-    """The config section of an optimizer or scheduler: single (`optimizer`) or named
-    (`optimizers.<name>`)."""
-    named = config.get(f"{kind}s")
-    return (named.get(name) if isinstance(named, dict) else config.get(kind)) or {}
 
 
 def eval_weights(checkpoint: Mapping[str, Any]) -> dict:
@@ -257,14 +241,7 @@ class Checkpointer:
         counters = Progress.COUNTERS
         check_fields(checkpoint, source, allow_inexact, tuple(optimizers), counters)
         previous = checkpoint.get(CONFIG) or {}
-        tuned = {key: _tuned(key) for key in self.parts if _tuned(key)}
-        fresh = {
-            key
-            for key, (kind, name) in tuned.items()
-            if _section(previous, kind, name).get("type") != _section(self.config, kind, name).get("type")
-        }
-        for key in sorted(fresh):
-            logger.warning("%s type changed since the checkpoint: its state starts fresh", key)
+        fresh = fresh_parts(self.parts, previous, self.config)
         loaded = {
             key: part
             for key, part in self.parts.items()
@@ -292,8 +269,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{source}: cannot resume from it: {type(error).__name__}: {error}"
             ) from None
-        for key in tuned.keys() & loaded.keys():
-            self._apply_changed_args(key, previous, user_data or {})
+        for key in filter(tuned, loaded):
+            apply_changed_args(self.parts, key, previous, user_data or {})
 
     def _samples_done(self, checkpoint: Mapping[str, Any], stream: BatchStream) -> int | None:
         """Samples of the pass already trained, when the checkpoint's global batch differs from this run's."""
@@ -303,42 +280,6 @@ class Checkpointer:
             return None
         batch = ((checkpoint.get(CONFIG) or {}).get("data_loader", {}).get("args") or {}).get("batch_size")
         return stream.batches_done * previous * (batch or sampler.batch_size)
-
-    def _apply_changed_args(self, key: str, previous: dict, user_data: dict) -> None:
-        kind, name = _tuned(key)
-        old_args = _section(previous, kind, name).get("args") or {}
-        for arg, value in (_section(user_data, kind, name).get("args") or {}).items():
-            if old_args.get(arg) != value:
-                logger.info(
-                    "Fine-tuning: %s.args.%s is %r in the checkpoint, %r now: using %r",
-                    key,
-                    arg,
-                    old_args.get(arg),
-                    value,
-                    value,
-                )
-                self._set_hyperparameter(key, arg, value)
-
-    def _set_hyperparameter(self, key: str, arg: str, value: Any) -> None:
-        kind, name = _tuned(key)
-        optimizer = self.parts[_key("optimizer", name)]
-        scheduler = getattr(self.parts.get(_key("lr_scheduler", name)), "scheduler", None)
-        if kind == "optimizer" and all(arg in group for group in optimizer.param_groups):
-            for group in optimizer.param_groups:
-                group[arg] = value
-                if arg == "lr" and "initial_lr" in group:  # what a scheduler scales from
-                    group["initial_lr"] = value
-            if arg == "lr" and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [value] * len(optimizer.param_groups)
-        elif kind == "lr_scheduler" and hasattr(scheduler, arg):
-            setattr(scheduler, arg, value)
-        else:
-            logger.warning(
-                "Fine-tuning: %s.args.%s cannot be changed on a restored %s; it keeps the checkpoint's value",
-                key,
-                arg,
-                key,
-            )
 
 
 def _exact_or_restarted(checkpoint: dict, source: Path, allow_inexact: bool) -> dict:

@@ -137,6 +137,10 @@ class MainProcessRNGs:
                 rng.restore(state)
 
 
+_MT_WORDS = 624
+_MT_BYTES = 4 + _MT_WORDS * 4  # a Mersenne Twister's state as python's and numpy's C structs hold it
+
+
 class _RawBytes:
     """A generator's state read and written as raw bytes, at the address where its C struct keeps them."""
 
@@ -156,12 +160,10 @@ class _PythonRNG:
     here (another Python implementation or build)."""
 
     name = "python"
-    WORDS = 624
-    SIZE = 4 + WORDS * 4
 
     def __init__(self) -> None:
         self._instance = random.random.__self__  # what the module's functions are bound to
-        self._raw = _RawBytes(self._address(self._instance), self.SIZE) if self.layout_holds() else None
+        self._raw = _RawBytes(self._address(self._instance), _MT_BYTES) if self.layout_holds() else None
 
     def fingerprint(self) -> Any:
         """Changes with every draw; None without raw access."""
@@ -198,14 +200,14 @@ class _PythonRNG:
 
         if (
             sys.implementation.name != "cpython"
-            or _random.Random.__basicsize__ < object.__basicsize__ + cls.SIZE
+            or _random.Random.__basicsize__ < object.__basicsize__ + _MT_BYTES
         ):
             return False
         probe = random.Random(20_240_601)
         probe.getrandbits(7 * 32)
         _, words, _ = probe.getstate()
-        expected = struct.pack(f"=i{cls.WORDS}I", words[-1], *words[:-1])
-        return _RawBytes(cls._address(probe), cls.SIZE).read() == expected
+        expected = struct.pack(f"=i{_MT_WORDS}I", words[-1], *words[:-1])
+        return _RawBytes(cls._address(probe), _MT_BYTES).read() == expected
 
 
 class _NumpyRNG:
@@ -214,7 +216,6 @@ class _NumpyRNG:
     another bit generator. A generator replaced with np.random.set_bit_generator is noticed."""
 
     name = "numpy"
-    SIZE = _PythonRNG.WORDS * 4 + 4
 
     def __init__(self) -> None:
         self._legacy = np.random.mtrand._rand  # the global RandomState: np.random.seed and the draws use it
@@ -235,14 +236,14 @@ class _NumpyRNG:
     def skippable(self, state: tuple) -> bool:
         """Whether a draw made unseeded can be told: a raw key, and no cached Gaussian beside it."""
         key, full = state
-        return key is not None and not (full is not None and full[3])
+        return key is not None and not _cached_gaussian(full)
 
     def seed(self, seed: int) -> None:
         np.random.seed(seed % 2**32)
 
     def restore(self, state: tuple) -> None:
         key, full = state
-        if key is None or (full is not None and full[3]):
+        if key is None or _cached_gaussian(full):
             np.random.set_state(full)  # with its cached Gaussian
             self._known = b""
             return
@@ -255,7 +256,7 @@ class _NumpyRNG:
         if generator is not self._checked:
             self._checked, self._known = generator, b""
             self._raw = (
-                _RawBytes(generator.ctypes.state_address, self.SIZE) if self.layout_holds(generator) else None
+                _RawBytes(generator.ctypes.state_address, _MT_BYTES) if self.layout_holds(generator) else None
             )
         return self._raw
 
@@ -269,4 +270,9 @@ class _NumpyRNG:
         probe.random_raw(7)
         state = probe.state["state"]
         expected = state["key"].astype(np.uint32).tobytes() + int(state["pos"]).to_bytes(4, sys.byteorder)
-        return _RawBytes(probe.ctypes.state_address, cls.SIZE).read() == expected
+        return _RawBytes(probe.ctypes.state_address, _MT_BYTES).read() == expected
+
+
+def _cached_gaussian(full: tuple | None) -> bool:
+    """Whether a saved numpy get_state() holds a cached Gaussian (None: a raw key, saved without one)."""
+    return full is not None and bool(full[3])
